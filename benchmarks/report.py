@@ -1,0 +1,218 @@
+"""Turn pytest-benchmark JSON (--benchmark-json) into markdown tables.
+
+    python benchmarks/report.py benchmarks/results/cpu.json [--out table.md]
+                                                            [--plot plot.png]
+
+One table per cell type: a row per (B, H), the median time of one training
+step in ms for each implementation found (numba, c, cuda, numpy, torch, ...),
+and the speed-ups of numba over torch and over numpy (time of the other /
+time of numba: > 1 means fastrnn is faster). The machine (CPU, cores), the
+date of the run and the package versions are printed above the tables.
+
+With --out, the markdown also goes to that file and, when matplotlib is
+importable, a plot goes beside it (same name, .png) unless --plot names
+another file; without matplotlib no plot is made and nothing is said.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+
+# Column order: fastrnn's fast backends, its reference, then PyTorch;
+# anything else found goes after them, alphabetically.
+ORDER = ("numba", "c", "cuda", "numpy", "torch")
+REFERENCE = "numba"            # the backend the speed-ups are of
+VERSUS = ("torch", "numpy")    # ... over these
+NAME_RE = re.compile(r"\[(?P<cell>[a-z]+)-B(?P<B>\d+)-H(?P<H>\d+)-(?P<backend>\w+)\]")
+
+
+def load(path):
+    with open(path) as f:
+        data = json.load(f)
+    if "benchmarks" not in data:
+        sys.exit(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks')")
+    return data
+
+
+def describe(bench):
+    """(cell, B, H, backend) of one benchmark entry, or None if not ours."""
+    info = bench.get("extra_info") or {}
+    params = bench.get("params") or {}
+    try:
+        return (str(info.get("cell", params.get("cell"))),
+                int(info.get("B", params.get("B"))),
+                int(info.get("H", params.get("H"))),
+                str(info.get("backend", params.get("backend"))))
+    except (TypeError, ValueError):
+        m = NAME_RE.search(bench.get("name", ""))
+        if not m:
+            return None
+        return m["cell"], int(m["B"]), int(m["H"]), m["backend"]
+
+
+def collect(data):
+    """{cell: {(B, H): {backend: median seconds}}} and one extra_info."""
+    table = defaultdict(lambda: defaultdict(dict))
+    sample_info = {}
+    for bench in data["benchmarks"]:
+        key = describe(bench)
+        if key is None:
+            continue
+        cell, B, H, backend = key
+        table[cell][(B, H)][backend] = bench["stats"]["median"]
+        sample_info = sample_info or (bench.get("extra_info") or {})
+    return table, sample_info
+
+
+def backends_of(rows):
+    found = {b for times in rows.values() for b in times}
+    return ([b for b in ORDER if b in found]
+            + sorted(found - set(ORDER)))
+
+
+def fmt_ms(seconds):
+    if seconds is None:
+        return "–"
+    ms = seconds * 1e3
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    return f"{ms:.2f}"
+
+
+def fmt_ratio(num, den):
+    if num is None or den is None or den <= 0:
+        return "–"
+    return f"{num / den:.2f}×"
+
+
+def header(data, info, path):
+    mi = data.get("machine_info", {})
+    cpu = mi.get("cpu", {}) or {}
+    brand = cpu.get("brand_raw") or mi.get("processor") or "unknown CPU"
+    cores = cpu.get("count", "?")
+    hz = cpu.get("hz_advertised_friendly") or cpu.get("hz_actual_friendly")
+    lines = [
+        "# fastrnn training-step benchmarks",
+        "",
+        f"- source: `{os.path.basename(path)}`, run at {data.get('datetime', '?')}"
+        f" (pytest-benchmark {data.get('version', '?')})",
+        f"- machine: {brand}" + (f" @ {hz}" if hz else "")
+        + f", {cores} cores, {mi.get('system', '?')} {mi.get('machine', '')},"
+          f" Python {mi.get('python_version', '?')}",
+    ]
+    versions = info.get("versions")
+    if isinstance(versions, dict) and versions:
+        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    commit = data.get("commit_info") or {}
+    if commit.get("id") and commit["id"] != "unknown":
+        dirty = " (dirty)" if commit.get("dirty") else ""
+        lines.append(f"- commit: {commit['id'][:12]}{dirty}")
+    if info:
+        setting = ", ".join(f"{k}={info[k]}" for k in
+                            ("T", "I", "O", "dtype", "nonlinearity", "loss",
+                             "readout", "optimizer") if k in info)
+        lines.append(f"- setting: one training step (forward, loss, BPTT, "
+                     f"update); {setting}")
+    lines += ["- times: median of one step in ms; speed-up = time of the other "
+              f"/ time of {REFERENCE} (> 1: fastrnn faster)", ""]
+    return lines
+
+
+def cell_table(cell, rows):
+    backends = backends_of(rows)
+    versus = [v for v in VERSUS if v in backends and v != REFERENCE]
+    have_ref = REFERENCE in backends
+    cols = ["B", "H"] + [f"{b} (ms)" for b in backends]
+    if have_ref:
+        cols += [f"{REFERENCE} vs {v}" for v in versus]
+    lines = [f"## {cell}", "",
+             "| " + " | ".join(cols) + " |",
+             "|" + "|".join("---:" for _ in cols) + "|"]
+    for (B, H) in sorted(rows):
+        times = rows[(B, H)]
+        cells = [str(B), str(H)] + [fmt_ms(times.get(b)) for b in backends]
+        if have_ref:
+            cells += [fmt_ratio(times.get(v), times.get(REFERENCE))
+                      for v in versus]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def plot(table, path):
+    """One panel per (cell, B): median ms against H, a line per backend."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return False
+    panels = [(cell, B) for cell in sorted(table)
+              for B in sorted({b for (b, _) in table[cell]})]
+    if not panels:
+        return False
+    ncol = min(3, len(panels))
+    nrow = (len(panels) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow),
+                             squeeze=False)
+    for ax, (cell, B) in zip(axes.flat, panels):
+        rows = {k: v for k, v in table[cell].items() if k[0] == B}
+        for backend in backends_of(rows):
+            pts = sorted((H, t[backend] * 1e3) for (_, H), t in rows.items()
+                         if backend in t)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=backend)
+        ax.set_xscale("log", base=2)
+        hs = sorted({H for (_, H) in rows})
+        ax.set_xticks(hs, [str(h) for h in hs])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_yscale("log")
+        ax.set_title(f"{cell}, B={B}")
+        ax.set_xlabel("hidden size H")
+        ax.set_ylabel("ms / training step")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", help="pytest-benchmark JSON (--benchmark-json)")
+    ap.add_argument("--out", help="also write the markdown to this file")
+    ap.add_argument("--plot", help="PNG plot path (default with --out: "
+                                   "beside it, same name, .png)")
+    args = ap.parse_args(argv)
+
+    data = load(args.results)
+    table, info = collect(data)
+    lines = header(data, info, args.results)
+    if not table:
+        lines.append("(no fastrnn training-step benchmarks in this file)")
+    for cell in sorted(table, key=lambda c: (c != "rnn", c)):
+        lines += cell_table(cell, table[cell])
+    text = "\n".join(lines).rstrip() + "\n"
+    print(text, end="")
+
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+    plot_path = args.plot or (os.path.splitext(args.out)[0] + ".png"
+                              if args.out else None)
+    if plot_path and table:
+        plot(table, plot_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Training-step benchmarks: fastrnn backends against PyTorch.
+
+One training step = forward over T steps, loss, BPTT, optimizer update.
+Setting: float32, T=100, I=32, O=10, cross-entropy with a target at every
+step (readout="all"; loss = sum over time, mean over the batch), SGD lr=0.01,
+nonlinearity tanh, grid B in {1, 16, 64} x H in {32, 128, 512}.
+
+Every benchmark first CHECKS its implementation: from the same weights and
+data as the NumPy reference, one step on a fresh copy must give the
+reference's loss and updated parameters (float32: rtol 1e-4 with an absolute
+floor of 1e-4 * max|ref|), and the parameter update (new - old, i.e. -lr * the
+gradient) must match the reference's to rtol 1e-3 (same floor rule). Only
+then is it timed, on another instance warmed up (numba compiled) beforehand.
+
+Results are grouped by (cell, B, H): benchmark.group = "rnn B=16 H=128" and
+extra_info holds cell, backend, B, H, ...; benchmarks/report.py turns the
+--benchmark-json output into tables.
+"""
+import functools
+import itertools
+import math
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+import fastrnn as fr
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # PyTorch is optional: its cases are skipped
+    torch = None
+
+T, I, O = 100, 32, 10
+LR = 0.01
+DTYPE = np.float32
+NONLINEARITY = "tanh"
+BATCHES = (1, 16, 64)
+HIDDENS = (32, 128, 512)
+CELLS = ("rnn", "lstm")
+OUT_KEYS = ("weight_out", "bias_out")
+
+# Tolerances of the pre-timing check, by dtype (relative; absolute floor =
+# the same number times max|reference|).
+RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
+# The parameter update lr*g is a small difference of two float32 numbers;
+# its rounding error is ~ulp(max|p|), far below 1e-3 * max|lr*g|.
+UPDATE_RTOL = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-7}
+
+SLOW_CALL_S = 0.05    # a single call at least this slow -> pedantic rounds
+MIN_SLOW_ROUNDS = 3   # never fewer rounds than this for a slow point
+WARMUP_S = 0.2        # warm-up calls on the timed instance, up to this long
+WARMUP_MAX_CALLS = 5
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+def assert_close(actual, expected, rtol, err_msg=""):
+    """rtol relative, with an absolute floor of rtol * max|expected|."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, (
+        f"{err_msg}: shape {actual.shape} != expected {expected.shape}")
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    np.testing.assert_allclose(actual, expected, rtol=rtol,
+                               atol=rtol * max(scale, 1e-30), err_msg=err_msg)
+
+
+def max_rel_err(actual, expected):
+    """max|actual - expected| / max|expected| (recorded in extra_info)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    err = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
+    return err / scale if scale > 0 else err
+
+
+def _copy_state(state):
+    return {k: np.array(v, copy=True) for k, v in state.items()}
+
+
+def _fr_cell_class(cell):
+    """fr.RNN / fr.LSTM, or pytest.skip when the cell is not provided."""
+    if cell == "rnn":
+        return functools.partial(fr.RNN, nonlinearity=NONLINEARITY)
+    if cell == "lstm":
+        if not hasattr(fr, "LSTM"):
+            pytest.skip("fastrnn has no LSTM yet")
+        return fr.LSTM
+    raise ValueError(f"unknown cell {cell!r}")
+
+
+def _fr_model(cell, H, backend, state=None):
+    """SequenceModel on `backend`, loaded with `state` when given."""
+    Cell = _fr_cell_class(cell)
+    try:
+        core = Cell(I, H, backend=backend, seed=0, dtype=DTYPE)
+    except NotImplementedError as e:
+        pytest.skip(f"fr.{cell.upper()} not implemented: {e}")
+    model = fr.SequenceModel(core, O, loss="cross_entropy", readout="all")
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def _data(B):
+    """Identical inputs and targets for every implementation at batch B."""
+    rng = np.random.default_rng(1000 + B)
+    x = rng.standard_normal((T, B, I)).astype(DTYPE)
+    y = rng.integers(0, O, size=(T, B)).astype(np.int64)
+    return x, y
+
+
+@functools.lru_cache(maxsize=None)
+def reference(cell, B, H):
+    """One step of the NumPy reference: (x, y, w0, loss, w1), all copies."""
+    x, y = _data(B)
+    model = _fr_model(cell, H, "numpy")
+    w0 = _copy_state(model.state_dict())
+    step = fr.TrainStep(model, fr.SGD(LR))
+    try:
+        res = step(x, y)
+    except NotImplementedError as e:
+        pytest.skip(f"{cell} training step not implemented: {e}")
+    assert not res.skipped, "reference step skipped (non-finite loss/grad)"
+    w1 = _copy_state(model.state_dict())
+    for a in (x, y, *w0.values(), *w1.values()):
+        a.setflags(write=False)
+    return x, y, w0, float(res.loss), w1
+
+
+# --------------------------------------------------------------------------
+# the implementations under test: each returns (call, args, state_fn, info)
+# call(*args) is one training step returning the loss; state_fn() returns
+# the parameters by their state_dict names as NumPy arrays.
+# --------------------------------------------------------------------------
+def _versions():
+    v = {"fastrnn": getattr(fr, "__version__", "?"), "numpy": np.__version__}
+    try:
+        import numba
+        v["numba"] = numba.__version__
+    except ImportError:
+        pass
+    if torch is not None:
+        v["torch"] = torch.__version__
+    return v
+
+
+def make_fastrnn(cell, backend, B, H, x, y, w0):
+    model = _fr_model(cell, H, backend, state=w0)
+    step = fr.TrainStep(model, fr.SGD(LR))
+
+    def state_fn():
+        return _copy_state(model.state_dict())
+
+    def call(x, y):
+        return step(x, y).loss
+
+    info = {}
+    if backend == "numba":
+        import numba
+        info["threads"] = numba.get_num_threads()
+    # benchmark `step` itself (no wrapper) for the timing; `call` for checks
+    return step, call, (np.array(x), np.array(y)), state_fn, info
+
+
+def make_torch(cell, backend, B, H, x, y, w0):
+    core_cls = {"rnn": lambda: torch.nn.RNN(I, H, nonlinearity=NONLINEARITY),
+                "lstm": lambda: torch.nn.LSTM(I, H)}[cell]
+    tdtype = {np.dtype(np.float32): torch.float32,
+              np.dtype(np.float64): torch.float64}[np.dtype(DTYPE)]
+    core = core_cls().to(tdtype)
+    lin = torch.nn.Linear(H, O).to(tdtype)
+    core.load_state_dict({k: torch.from_numpy(np.array(v))
+                          for k, v in w0.items() if k not in OUT_KEYS})
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(np.array(w0["weight_out"])))
+        lin.bias.copy_(torch.from_numpy(np.array(w0["bias_out"])))
+    opt = torch.optim.SGD(list(core.parameters()) + list(lin.parameters()),
+                          lr=LR)
+    xt = torch.from_numpy(np.array(x))
+    yt = torch.from_numpy(np.array(y)).reshape(-1)
+
+    def step(xt, yt):
+        opt.zero_grad()
+        out, _ = core(xt)
+        z = lin(out)
+        loss = F.cross_entropy(z.reshape(-1, O), yt, reduction="sum") / B
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    def state_fn():
+        d = {k: v.detach().cpu().numpy().copy()
+             for k, v in core.state_dict().items()}
+        d["weight_out"] = lin.weight.detach().cpu().numpy().copy()
+        d["bias_out"] = lin.bias.detach().cpu().numpy().copy()
+        return d
+
+    info = {"threads": torch.get_num_threads()}
+    return step, step, (xt, yt), state_fn, info
+
+
+def make_impl(cell, backend, B, H, x, y, w0):
+    if backend == "torch":
+        if torch is None:
+            pytest.skip("PyTorch is not importable")
+        return make_torch(cell, backend, B, H, x, y, w0)
+    ok, why = fr.available_backends().get(backend, (False, "not listed"))
+    if not ok:
+        pytest.skip(f"backend {backend!r} unavailable: {why}")
+    return make_fastrnn(cell, backend, B, H, x, y, w0)
+
+
+def check_against_reference(cell, backend, B, H):
+    """One step on a fresh copy from the reference's weights and data."""
+    x, y, w0, ref_loss, ref_w1 = reference(cell, B, H)
+    _, call, args, state_fn, _ = make_impl(cell, backend, B, H, x, y, w0)
+    loss = call(*args)
+    w1 = state_fn()
+    rtol = RTOL[np.dtype(DTYPE)]
+    urtol = UPDATE_RTOL[np.dtype(DTYPE)]
+    where = f"{backend} vs numpy reference ({cell}, B={B}, H={H})"
+    assert np.isfinite(loss), f"{where}: loss is {loss}"
+    assert_close(loss, ref_loss, rtol, err_msg=f"{where}: loss")
+    assert set(w1) == set(ref_w1), (
+        f"{where}: parameter names {sorted(w1)} != {sorted(ref_w1)}")
+    errs = {}
+    for k in ref_w1:
+        assert_close(w1[k], ref_w1[k], rtol,
+                     err_msg=f"{where}: updated parameter {k}")
+        upd, ref_upd = (w1[k].astype(np.float64) - w0[k],
+                        ref_w1[k].astype(np.float64) - w0[k])
+        assert_close(upd, ref_upd, urtol,
+                     err_msg=f"{where}: update (new - old) of {k}")
+        errs[k] = max_rel_err(upd, ref_upd)
+    return {"ref_loss": ref_loss, "loss_rel_err": abs(loss - ref_loss)
+            / max(abs(ref_loss), 1e-30), "max_update_rel_err": max(errs.values())}
+
+
+# --------------------------------------------------------------------------
+# the benchmark
+# --------------------------------------------------------------------------
+def pytest_generate_tests(metafunc):
+    if "backend" not in metafunc.fixturenames:
+        return
+    opt = metafunc.config.getoption
+    backends = [b.strip() for b in opt("bench_backends").split(",") if b.strip()]
+    cells = [c.strip() for c in opt("bench_cells").split(",") if c.strip()]
+    unknown = set(cells) - set(CELLS)
+    if unknown:
+        raise pytest.UsageError(f"--bench-cells: unknown {sorted(unknown)}; "
+                                f"expected some of {CELLS}")
+    params = [pytest.param(c, B, H, b, id=f"{c}-B{B}-H{H}-{b}")
+              for c, B, H, b in itertools.product(cells, BATCHES, HIDDENS,
+                                                  backends)]
+    metafunc.parametrize("cell,B,H,backend", params)
+
+
+def test_train_step(benchmark, request, cell, B, H, backend):
+    benchmark.group = f"{cell} B={B} H={H}"
+    check = check_against_reference(cell, backend, B, H)
+
+    x, y, w0, _, _ = reference(cell, B, H)
+    fn, call, args, state_fn, info = make_impl(cell, backend, B, H, x, y, w0)
+    benchmark.extra_info.update(
+        cell=cell, backend=backend, B=B, H=H, T=T, I=I, O=O,
+        dtype=np.dtype(DTYPE).name, nonlinearity=NONLINEARITY,
+        loss="cross_entropy", readout="all", optimizer=f"SGD(lr={LR})",
+        check="passed", **check, **info, versions=_versions())
+
+    # warm-up (numba compiles on the first call) and a first timing
+    t0 = time.perf_counter()
+    fn(*args)
+    t1 = time.perf_counter() - t0
+    n = 1
+    while n < WARMUP_MAX_CALLS and time.perf_counter() - t0 < WARMUP_S:
+        t = time.perf_counter()
+        fn(*args)
+        t1 = min(t1, time.perf_counter() - t)
+        n += 1
+
+    if t1 >= SLOW_CALL_S:
+        budget = request.config.getoption("bench_slow_budget")
+        min_rounds = request.config.getoption("benchmark_min_rounds")
+        rounds = max(MIN_SLOW_ROUNDS, min(min_rounds, math.ceil(budget / t1)))
+        benchmark.extra_info["rounds_policy"] = f"pedantic rounds={rounds}"
+        benchmark.pedantic(fn, args=args, rounds=rounds, iterations=1)
+    else:
+        benchmark.extra_info["rounds_policy"] = "calibrated"
+        benchmark(fn, *args)
+
+    # Timing ran many SGD steps on random data: make sure they stayed finite
+    # (fastrnn skips non-finite steps, which would time a different path).
+    loss = call(*args)
+    benchmark.extra_info["loss_after"] = float(loss)
+    if not np.isfinite(loss):
+        warnings.warn(f"{backend} {cell} B={B} H={H}: loss became {loss} "
+                      "during timing; the timing may not be representative")

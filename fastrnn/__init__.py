@@ -1,0 +1,18 @@
+"""fastrnn: fast, exact training of Elman RNNs and LSTMs from Python.
+
+    import fastrnn as fr
+    model = fr.SequenceModel(fr.RNN(8, 64), 10)
+    step = fr.TrainStep(model, fr.Adam(1e-3), clip=fr.ClipNorm(1.0))
+    res = step(x, y)          # forward, loss, BPTT, clipping, update: one call
+"""
+from .backends import available_backends
+from .clip import ClipNorm, ClipValue
+from .layers import LSTM, RNN, LSTMCell, RNNCell
+from .model import SequenceModel, StepResult, TrainStep, gradient_flow
+from .optim import SGD, Adagrad, Adam
+
+__version__ = "0.1.0"
+
+__all__ = ["RNN", "LSTM", "RNNCell", "LSTMCell", "SequenceModel", "TrainStep",
+           "StepResult", "gradient_flow", "SGD", "Adam", "Adagrad", "ClipNorm",
+           "ClipValue", "available_backends", "__version__"]

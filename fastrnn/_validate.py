@@ -1,0 +1,159 @@
+"""Argument validation: every check raises ValueError/TypeError naming the
+argument, what was expected and what was received, before any kernel runs."""
+import numbers
+
+import numpy as np
+
+
+def check_int(name, v, lo=None):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
+    v = int(v)
+    if lo is not None and v < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
+    return v
+
+
+def check_bool(name, v):
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__} {v!r}")
+    return bool(v)
+
+
+def check_choice(name, v, choices):
+    if not isinstance(v, str) or v not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {v!r}")
+    return v
+
+
+def check_positive(name, v, allow_zero=False):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(v).__name__} {v!r}")
+    v = float(v)
+    if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        cond = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}: expected a finite number {cond}, got {v!r}")
+    return v
+
+
+def check_dtype(dtype):
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype: expected np.float32 or np.float64, got {dtype!r}") from None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype: expected np.float32 or np.float64, got {dt}")
+    return dt
+
+
+def as_array(name, v):
+    """NumPy array from an array, anything with __array__, or a torch tensor."""
+    if hasattr(v, "detach") and hasattr(v, "cpu"):
+        v = v.detach().cpu().numpy()
+    try:
+        return np.asarray(v)
+    except Exception as e:
+        raise TypeError(f"{name}: expected an array, got {type(v).__name__} ({e})") from None
+
+
+def sequence_input(x, input_size, dtype, batch_first, name="x"):
+    """Validate a sequence input. Returns a time-major array: (T, B, I) of
+    `dtype`, or (T, B) int64 token ids checked to lie in [0, input_size)."""
+    x = as_array(name, x)
+    layout = "(B, T" if batch_first else "(T, B"
+    if x.dtype.kind in "iu":
+        if x.ndim != 2:
+            raise ValueError(f"{name}: integer token ids must have shape {layout}), "
+                             f"got shape {x.shape}")
+        _check_ids(name, x, input_size)
+        x = x.astype(np.int64, copy=False)
+    elif x.dtype.kind == "f":
+        if x.ndim != 3 or x.shape[2] != input_size:
+            raise ValueError(f"{name}: expected shape {layout}, {input_size}) "
+                             f"(input_size={input_size}), got shape {x.shape}")
+        x = x.astype(dtype, copy=False)
+    else:
+        raise TypeError(f"{name}: expected a float array or integer token ids, "
+                        f"got dtype {x.dtype}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name}: expected non-empty T and B, got shape {x.shape}")
+    if batch_first:
+        x = x.swapaxes(0, 1)
+    return np.ascontiguousarray(x)
+
+
+def _check_ids(name, ids, n):
+    if ids.size and (ids.min() < 0 or ids.max() >= n):
+        bad = ids[(ids < 0) | (ids >= n)].ravel()[0]
+        raise ValueError(f"{name}: token ids must be in [0, {n}) (input_size), "
+                         f"got {int(bad)}")
+
+
+def lengths_arg(lengths, T, B, name="lengths"):
+    """(B,) int64 lengths in [1, T]; None -> all T."""
+    if lengths is None:
+        return np.full(B, T, dtype=np.int64)
+    ln = as_array(name, lengths)
+    if ln.dtype.kind not in "iu":
+        if ln.dtype.kind == "f" and ln.size and np.all(np.isfinite(ln)) and np.all(ln == np.round(ln)):
+            pass
+        else:
+            raise TypeError(f"{name}: expected integers, got dtype {ln.dtype}")
+    if ln.shape != (B,):
+        raise ValueError(f"{name}: expected shape ({B},) (one length per batch row), "
+                         f"got shape {ln.shape}")
+    ln = ln.astype(np.int64)
+    if ln.size and (ln.min() < 1 or ln.max() > T):
+        bad = ln[(ln < 1) | (ln > T)][0]
+        raise ValueError(f"{name}: expected values in [1, {T}] (T={T}), got {int(bad)}")
+    return ln
+
+
+def state_arg(v, shape, dtype, name):
+    """An initial state (or state gradient) of exactly `shape`, cast to dtype."""
+    v = as_array(name, v)
+    if v.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected a float array, got dtype {v.dtype}")
+    if v.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {v.shape}")
+    return np.ascontiguousarray(v, dtype=dtype)
+
+
+def targets_arg(y, spec, T, B, lengths, batch_first, dtype, name="y"):
+    """Targets for the read-out, time-major. cross_entropy: int class ids,
+    (T, B) for readout 'all' or (B,) for 'last'; mse: floats with a trailing
+    O axis. Ids are checked at valid steps (padding targets are ignored)."""
+    y = as_array(name, y)
+    O = spec.O
+    if spec.readout == "all":
+        lay = "(B, T" if batch_first else "(T, B"
+        shape = (B, T) if batch_first else (T, B)
+    else:
+        lay, shape = "(B", (B,)
+    if spec.loss == "cross_entropy":
+        if y.dtype.kind not in "iu":
+            raise TypeError(f"{name}: cross_entropy expects integer class ids, got dtype {y.dtype}")
+        if y.shape != shape:
+            raise ValueError(f"{name}: expected class ids of shape {lay}) = {shape}, got {y.shape}")
+        if batch_first and spec.readout == "all":
+            y = y.T
+        y = np.ascontiguousarray(y, dtype=np.int64)
+        if spec.readout == "all":
+            valid = np.arange(T)[:, None] < lengths[None, :]
+            yv = y[valid]
+        else:
+            yv = y
+        if yv.size and (yv.min() < 0 or yv.max() >= O):
+            bad = yv[(yv < 0) | (yv >= O)][0]
+            raise ValueError(f"{name}: class ids must be in [0, {O}) (output_size), got {int(bad)}")
+        if spec.readout == "all":
+            y = np.where(valid, y, 0)
+        return y
+    if y.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: mse expects float targets, got dtype {y.dtype}")
+    fshape = shape + (O,)
+    if y.shape != fshape:
+        raise ValueError(f"{name}: expected float targets of shape {lay}, {O}) = {fshape}, got {y.shape}")
+    if batch_first and spec.readout == "all":
+        y = y.swapaxes(0, 1)
+    return np.ascontiguousarray(y, dtype=dtype)

@@ -1,0 +1,59 @@
+"""Backend registry.
+
+Every backend module implements the same functions with the same arguments:
+
+    available() -> (bool, reason)
+    core_forward(spec, flat, x, lengths, state0, ctx=None) -> out, state_n, cache
+    core_backward(spec, flat, cache, dout, dstate_n, state_clip=None, ctx=None)
+        -> dx, dstate0, grad, flow
+    model_forward(spec, flat, x, lengths, state0, ctx=None) -> z, state_n
+    train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
+               hyper, clip, limit, state_clip, ctx=None) -> dict
+    gradient_flow(spec, flat, x, lengths, state0, y, ctx=None) -> flow (T,)
+
+The layers pick one by name; nothing outside this package knows how a kernel
+works. Modules are imported lazily so that a missing optional dependency
+(numba, the C extension, numba-cuda) only disables its backend.
+"""
+import importlib
+
+NAMES = ("numpy", "numba", "c", "cuda")
+_MODULES = {"numpy": ".reference", "numba": ".numba_cpu", "c": ".c",
+            "cuda": ".cuda"}
+_cache = {}
+
+
+def _load(name):
+    if name not in _cache:
+        try:
+            mod = importlib.import_module(_MODULES[name], __name__)
+            ok, why = mod.available()
+        except Exception as e:  # ImportError, missing extension, no driver
+            mod, ok, why = None, False, f"{type(e).__name__}: {e}"
+        _cache[name] = (mod if ok else None, ok, why)
+    return _cache[name]
+
+
+def available_backends():
+    """{name: (available, reason)} for every backend."""
+    return {n: (_load(n)[1], _load(n)[2]) for n in NAMES}
+
+
+def resolve(name):
+    """Backend name after resolving "auto"; checks availability."""
+    if not isinstance(name, str) or name not in NAMES + ("auto",):
+        raise ValueError(f"backend: expected one of {NAMES + ('auto',)}, "
+                         f"got {name!r}")
+    if name == "auto":
+        for n in ("numba", "c", "numpy"):
+            if _load(n)[1]:
+                return n
+    mod, ok, why = _load(name)
+    if not ok:
+        raise RuntimeError(f"backend {name!r} is not available: {why}")
+    return name
+
+
+def get(name):
+    """The backend module for a resolved name."""
+    return _load(resolve(name))[0]

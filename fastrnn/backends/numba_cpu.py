@@ -1,0 +1,884 @@
+"""Numba CPU backend: the whole forward, loss, BPTT, clipping and optimizer
+update as compiled kernels.
+
+Design (see DESIGN.md):
+- Parameters are one flat array; ``cfg`` (int64) carries dimensions, flags
+  and the offsets of every parameter block, ``fcfg`` (float64) the numbers of
+  the optimizer and the clipping. A kernel takes a handful of arrays.
+- All scratch lives in one flat workspace ``ws`` that the caller keeps
+  between calls (no page faults from fresh allocations); ``_sections`` is the
+  single table of its section sizes and ``_carve`` cuts it into views.
+- The input projection W_ih x for all T*B rows is one product before the time
+  loop (a row gather for token ids); the time loop keeps only the recurrence;
+  dW_ih, dW_hh are one product each after the backward loop.
+- The per-step recurrent product uses explicit loops for small shapes
+  (latency-bound) and BLAS (np.dot) for large ones; see SMALL_MACS.
+- Derivatives come from saved outputs (tanh' = 1 - h^2, sigmoid' = s(1-s)).
+- Float32 activations use vectorisable approximations (``_act_f32``) accurate
+  to a few float32 ulps; float64 uses libm and stays within 1e-9 of NumPy.
+
+Shapes inside the kernels:
+  x: (T*B, I) float (empty when token ids are given), tok: (T*B,) int64
+  lengths: (B,) int64, state0/state_n: (S, L*D, B, H)
+  W_ih: (G*H, I_k), W_hh: (G*H, H), b_ih, b_hh: (G*H,)
+  HX (per layer/direction): (T+2, B, H); h_t is at HX[t+1], h0 at HX[0]
+  (forward direction) or HX[T+1] (reverse direction)
+"""
+import math
+
+import numpy as np
+from numba import njit
+
+name = "numba"
+
+# ---- cfg header indices ----------------------------------------------------
+C_T, C_B, C_I, C_H, C_L, C_D, C_MODE, C_BIAS, C_TOK, C_O, C_READOUT, C_LOSS, \
+    C_OPT, C_CLIP, C_SCLIP, C_STEP, C_FAST, C_SMALL, C_WOUT, C_BOUT = range(20)
+C_POFF = 32            # poff (L*D, 4) flattened from here
+# ---- fcfg indices ----------------------------------------------------------
+F_LR, F_MOM, F_B1, F_B2, F_EPS, F_LIMIT, F_SCLIP = range(7)
+# ---- result indices --------------------------------------------------------
+R_LOSS, R_GNORM, R_CLIPPED, R_SKIPPED = range(4)
+
+LSTM = 3
+# per-step products with at most this many multiply-adds run as explicit
+# loops; larger ones call BLAS. Measured on the 2-core AVX2 dev machine
+# (benchmarks/crossover.py).
+SMALL_MACS = 32768
+
+
+def available():
+    return True, "numba imported"
+
+
+# ============================================================================
+# workspace
+# ============================================================================
+@njit(cache=True)
+def _sections(T, B, I, H, L, D, G, O, lstm, tok):
+    """Sizes (in elements) of the workspace sections, in order."""
+    W = max(I, D * H)
+    s = np.zeros(16, dtype=np.int64)
+    s[0] = L * D * (T + 2) * B * H            # HX: hidden states
+    s[1] = L * D * (T + 2) * B * H * lstm     # CX: cell states
+    s[2] = L * D * T * B * G * H * lstm       # GATES: i, f, g, o activations
+    s[3] = L * D * T * B * H * lstm           # TANHC: tanh(c_t)
+    s[4] = L * T * B * D * H                  # LOUT: layer outputs
+    s[5] = T * B * G * H                      # DELTA: dL/da_t, one direction
+    s[6] = T * B * W                          # DA: d layer output
+    s[7] = T * B * W                          # DB: d layer input
+    s[8] = T * B * W                          # TMP: product scratch
+    s[9] = 3 * B * G * H                      # STMP: per-step scratch
+    s[10] = 2 * B * H                         # DH: dh, dc carried back
+    s[11] = max(H, I) * G * H                 # WT: transposed weights
+    s[12] = I * G * H * tok                   # DWT: token-gradient rows
+    s[13] = T * B * O                         # Z: read-out
+    s[14] = T * B * O                         # DZ
+    s[15] = B * D * H                         # HLAST
+    return s
+
+
+@njit(cache=True)
+def _section(ws, sizes, j):
+    off = 0
+    for i in range(j):
+        off += sizes[i]
+    return ws[off:off + sizes[j]]
+
+
+def workspace_size(T, B, I, H, L, D, G, O, lstm, tok):
+    return int(_sections(T, B, I, H, L, D, G, O, lstm, tok).sum())
+
+
+# ============================================================================
+# activations (pointwise, row-wise, written to vectorise)
+# ============================================================================
+@njit(cache=True, fastmath={"contract"})
+def _expm1_f64_row(v, dst, ibuf):
+    """dst = exp(v) - 1 for float64 values |v| <= 700, relative error ~1e-15
+    (2^n (e^r - 1) + (2^n - 1), degree-8 series for e^r - 1)."""
+    n = v.shape[0]
+    for j in range(n):
+        x = v[j]
+        k = math.floor(x * 1.4426950408889634 + 0.5)
+        r = x - k * 0.6931471805599453
+        q = r * (1.0 + r * (0.5 + r * (0.16666666666666666 + r * (
+            0.041666666666666664 + r * (0.008333333333333333 + r * (
+                0.001388888888888889 + r * (0.0001984126984126984 + r * (
+                    2.48015873015873e-05 + r * 2.7557319223985893e-06))))))))
+        ibuf[j] = (np.int64(k) + 1023) << 52
+        dst[j] = q
+    f = ibuf[:n].view(np.float64)
+    for j in range(n):
+        dst[j] = f[j] * dst[j] + (f[j] - 1.0)
+
+
+@njit(cache=True)
+def _act_row(mode, fast, a, scratch, ibuf):
+    """In place a = f(a) for one contiguous row. fast: float32 approximations."""
+    n = a.shape[0]
+    if mode == 1:
+        for j in range(n):
+            a[j] = a[j] if a[j] > 0 else 0
+        return
+    if not fast:
+        if mode == 0:
+            for j in range(n):
+                a[j] = np.tanh(a[j])
+        else:
+            for j in range(n):
+                a[j] = 1 / (1 + np.exp(-a[j]))
+        return
+    s = scratch[:n]
+    if mode == 0:
+        # tanh(x) = expm1(2x) / (expm1(2x) + 2), |x| clamped to 9.5 where
+        # float32 tanh is already 1
+        for j in range(n):
+            s[j] = min(max(np.float64(a[j]) * 2.0, -19.0), 19.0)
+        _expm1_f64_row(s, s, ibuf)
+        for j in range(n):
+            a[j] = s[j] / (s[j] + 2.0)
+    else:
+        for j in range(n):
+            s[j] = min(max(-np.float64(a[j]), -100.0), 100.0)
+        _expm1_f64_row(s, s, ibuf)
+        for j in range(n):
+            a[j] = 1.0 / (s[j] + 2.0)   # 1 / (1 + e^-x)
+
+
+@njit(cache=True)
+def _dact_mul_row(mode, h, dh, out):
+    """out = f'(a) * dh with f'(a) from h = f(a)."""
+    n = h.shape[0]
+    if mode == 0:
+        for j in range(n):
+            out[j] = (1 - h[j] * h[j]) * dh[j]
+    elif mode == 1:
+        for j in range(n):
+            out[j] = dh[j] if h[j] > 0 else 0
+    else:
+        for j in range(n):
+            out[j] = h[j] * (1 - h[j]) * dh[j]
+
+
+# ============================================================================
+# products
+# ============================================================================
+@njit(cache=True, fastmath={"contract"})
+def _addmm(A, Bm, C, tmp, small):
+    """C += A @ Bm, A: (M, K), Bm: (K, N) contiguous, C: (M, N).
+    Explicit loops when M*K*N <= small (latency-bound), BLAS otherwise."""
+    M, K = A.shape
+    N = Bm.shape[1]
+    if M * K * N <= small:
+        for m in range(M):
+            c = C[m]
+            for k in range(K):
+                a = A[m, k]
+                b = Bm[k]
+                for n in range(N):
+                    c[n] += a * b[n]
+    else:
+        t = tmp[:M * N].reshape((M, N))
+        np.dot(A, Bm, t)
+        for m in range(M):
+            c = C[m]
+            tr = t[m]
+            for n in range(N):
+                c[n] += tr[n]
+
+
+@njit(cache=True)
+def _transpose_into(W, dst):
+    """dst[:K*N].reshape(K, N) = W.T for W (N, K); returns the view."""
+    N, K = W.shape
+    out = dst[:K * N].reshape((K, N))
+    for n in range(N):
+        for k in range(K):
+            out[k, n] = W[n, k]
+    return out
+
+
+@njit(cache=True)
+def _project(x, tok, W_ih, b_ih, b_hh, bias, dst, wt):
+    """dst (T*B, G*H) = x @ W_ih.T + b_ih + b_hh; token ids gather rows of W_ih.T."""
+    GH = W_ih.shape[0]
+    if tok.shape[0] > 0:
+        WT = _transpose_into(W_ih, wt)
+        for r in range(tok.shape[0]):
+            src = WT[tok[r]]
+            d = dst[r]
+            for j in range(GH):
+                d[j] = src[j]
+    else:
+        np.dot(x, W_ih.T, dst)
+    if bias:
+        for r in range(dst.shape[0]):
+            d = dst[r]
+            for j in range(GH):
+                d[j] += b_ih[j] + b_hh[j]
+
+
+# ============================================================================
+# one direction of one layer: forward and backward side by side
+# ============================================================================
+@njit(cache=True)
+def _rnn_dir_forward(mode, fast, small, rev, x, tok, lengths, W_ih, W_hh,
+                     b_ih, b_hh, bias, h0, HX, lout, col, wt, stmp, fscr,
+                     ibuf):
+    """Elman RNN over the sequence, one direction.
+
+    HX: (T+2, B, H) receives the states; lout: (T, B, D*H) the layer output,
+    columns [col, col+H). Padding steps keep the state and output zeros.
+    """
+    T = HX.shape[0] - 2
+    B, H = h0.shape
+    P = HX[1:T + 1].reshape((T * B, H))
+    _project(x, tok, W_ih, b_ih, b_hh, bias, P, wt)
+    WT = _transpose_into(W_hh, wt)
+    hpos0 = T + 1 if rev else 0
+    HX[hpos0] = h0
+    for s in range(T):
+        t = T - 1 - s if rev else s
+        tp = t + 2 if rev else t
+        _addmm(HX[tp], WT, HX[t + 1], stmp, small)
+        for b in range(B):
+            row = HX[t + 1, b]
+            o = lout[t, b, col:col + H]
+            if t < lengths[b]:
+                _act_row(mode, fast, row, fscr, ibuf)
+                for j in range(H):
+                    o[j] = row[j]
+            else:
+                prev = HX[tp, b]
+                for j in range(H):
+                    row[j] = prev[j]
+                    o[j] = 0
+
+
+@njit(cache=True)
+def _rnn_dir_backward(mode, small, rev, lengths, W_hh, HX, dlout, col,
+                      dh, DELTA, stmp, sclip, use_sclip, flow, want_flow):
+    """BPTT for one direction. dh (B, H) holds dL/dh_T on entry and dL/dh0 on
+    exit; DELTA (T, B, H) receives dL/da_t. dlout: (T, B, D*H) gradient of the
+    layer output (columns [col, col+H) are this direction's)."""
+    T = HX.shape[0] - 2
+    B, H = dh.shape
+    for s in range(T):
+        t = s if rev else T - 1 - s
+        for b in range(B):
+            dl = DELTA[t, b]
+            if t < lengths[b]:
+                d = dh[b]
+                g = dlout[t, b, col:col + H]
+                for j in range(H):
+                    d[j] += g[j]
+                if use_sclip:
+                    for j in range(H):
+                        d[j] = min(max(d[j], -sclip), sclip)
+                if want_flow:
+                    acc = 0.0
+                    for j in range(H):
+                        acc += np.float64(d[j]) * d[j]
+                    flow[t] += acc
+                _dact_mul_row(mode, HX[t + 1, b], d, dl)
+            else:
+                for j in range(H):
+                    dl[j] = 0
+        # dh_{t-1} = delta_t @ W_hh for valid rows; padding rows pass through
+        nxt = stmp[:B * H].reshape((B, H))
+        nxt[:] = 0
+        _addmm(DELTA[t], W_hh, nxt, stmp[B * H:], small)
+        for b in range(B):
+            if t < lengths[b]:
+                dh[b] = nxt[b]
+
+
+@njit(cache=True)
+def _dir_param_grads(x, tok, rev, HX, DELTA, gW_ih, gW_hh, gb_ih, gb_hh,
+                     bias, dwt):
+    """dW_ih, dW_hh as one product each over all stored deltas; db by sum."""
+    T = HX.shape[0] - 2
+    B, H = HX.shape[1], HX.shape[2]
+    GH = DELTA.shape[2]
+    Dl = DELTA.reshape((T * B, GH))
+    hprev = HX[2:T + 2] if rev else HX[0:T]
+    np.dot(Dl.T, hprev.reshape((T * B, H)), gW_hh)
+    if tok.shape[0] > 0:
+        I = gW_ih.shape[1]
+        dw = dwt[:I * GH].reshape((I, GH))
+        dw[:] = 0
+        for r in range(T * B):
+            row = dw[tok[r]]
+            dr = Dl[r]
+            for j in range(GH):
+                row[j] += dr[j]
+        for j in range(GH):
+            for i in range(I):
+                gW_ih[j, i] = dw[i, j]
+    else:
+        np.dot(Dl.T, x, gW_ih)
+    if bias:
+        gb_ih[:] = 0
+        for r in range(T * B):
+            dr = Dl[r]
+            for j in range(GH):
+                gb_ih[j] += dr[j]
+        gb_hh[:] = gb_ih
+
+
+# ============================================================================
+# the whole core
+# ============================================================================
+@njit(cache=True)
+def _mat(flat, off, m, n):
+    return flat[off:off + m * n].reshape((m, n))
+
+
+@njit(cache=True)
+def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
+    """All layers and directions. Layer outputs stay in the workspace (LOUT);
+    the top layer's output is returned as a view."""
+    T, B, I, H = cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H]
+    L, D, mode = cfg[C_L], cfg[C_D], cfg[C_MODE]
+    bias, fast, small = cfg[C_BIAS] != 0, cfg[C_FAST] != 0, cfg[C_SMALL]
+    G = 4 if mode == LSTM else 1
+    sz = _sections_of(cfg)
+    HXall = _section(ws, sz, 0).reshape((L * D, T + 2, B, H))
+    LOUT = _section(ws, sz, 4).reshape((L, T, B, D * H))
+    wt = _section(ws, sz, 11)
+    stmp = _section(ws, sz, 9)
+    ibuf = np.empty(G * H, dtype=np.int64)      # activation scratch
+    fscr = np.empty(G * H, dtype=np.float64)
+    GH = G * H
+    for k in range(L):
+        Ik = I if k == 0 else D * H
+        if k == 0:
+            xin = x
+            tk = tok
+        else:
+            xin = LOUT[k - 1].reshape((T * B, D * H))
+            tk = tok[:0]
+        for d in range(D):
+            kd = k * D + d
+            base = C_POFF + 4 * kd
+            W_ih = _mat(flat, cfg[base], GH, Ik)
+            W_hh = _mat(flat, cfg[base + 1], GH, H)
+            if bias:
+                b_ih = flat[cfg[base + 2]:cfg[base + 2] + GH]
+                b_hh = flat[cfg[base + 3]:cfg[base + 3] + GH]
+            else:
+                b_ih = flat[:0]
+                b_hh = flat[:0]
+            HX = HXall[kd]
+            _rnn_dir_forward(mode, fast, small, d == 1, xin, tk, lengths,
+                             W_ih, W_hh, b_ih, b_hh, bias, state0[0, kd], HX,
+                             LOUT[k], d * H, wt, stmp, fscr, ibuf)
+            hpos = 1 if d == 1 else T
+            # final state: for the forward direction the state at lengths-1
+            # (padding steps carried it to HX[T]); reverse: the state after t=0
+            state_n[0, kd] = HX[hpos]
+    return LOUT[L - 1]
+
+
+@njit(cache=True)
+def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
+                         grad, dx, dstate0, flow, sclip):
+    """BPTT through the whole core after core_forward_kernel on the same ws.
+
+    dtop: (T, B, D*H) gradient of the top layer output; dx: (T*B, I) receives
+    the input gradient (ignored for token ids); flow (T,) receives the squared
+    norm of dL/dh_t of the top layer (valid rows, both directions)."""
+    T, B, I, H = cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H]
+    L, D, mode = cfg[C_L], cfg[C_D], cfg[C_MODE]
+    bias, small = cfg[C_BIAS] != 0, cfg[C_SMALL]
+    use_sclip = cfg[C_SCLIP] != 0
+    G = 4 if mode == LSTM else 1
+    GH = G * H
+    has_tok = tok.shape[0] > 0
+    sz = _sections_of(cfg)
+    HXall = _section(ws, sz, 0).reshape((L * D, T + 2, B, H))
+    LOUT = _section(ws, sz, 4).reshape((L, T, B, D * H))
+    DELTA = _section(ws, sz, 5).reshape((T, B, GH))
+    DA = _section(ws, sz, 6)
+    DB = _section(ws, sz, 7)
+    TMP = _section(ws, sz, 8)
+    stmp = _section(ws, sz, 9)
+    DH = _section(ws, sz, 10).reshape((2, B, H))
+    dwt = _section(ws, sz, 12)
+    flow[:] = 0
+    dl = dtop
+    for k in range(L - 1, -1, -1):
+        Ik = I if k == 0 else D * H
+        if k == 0:
+            xin = x
+            tk = tok
+            din = dx
+        else:
+            xin = LOUT[k - 1].reshape((T * B, D * H))
+            tk = tok[:0]
+            din = (DB if (L - 1 - k) % 2 == 0 else DA)[:T * B * Ik].reshape((T * B, Ik))
+        for d in range(D):
+            kd = k * D + d
+            base = C_POFF + 4 * kd
+            W_ih = _mat(flat, cfg[base], GH, Ik)
+            W_hh = _mat(flat, cfg[base + 1], GH, H)
+            gW_ih = _mat(grad, cfg[base], GH, Ik)
+            gW_hh = _mat(grad, cfg[base + 1], GH, H)
+            if bias:
+                gb_ih = grad[cfg[base + 2]:cfg[base + 2] + GH]
+                gb_hh = grad[cfg[base + 3]:cfg[base + 3] + GH]
+            else:
+                gb_ih = grad[:0]
+                gb_hh = grad[:0]
+            dh = DH[0]
+            dh[:] = dstate_n[0, kd]
+            _rnn_dir_backward(mode, small, d == 1, lengths, W_hh, HXall[kd],
+                              dl, d * H, dh, DELTA, stmp, sclip, use_sclip,
+                              flow, k == L - 1)
+            dstate0[0, kd] = dh
+            _dir_param_grads(xin, tk, d == 1, HXall[kd], DELTA, gW_ih, gW_hh,
+                             gb_ih, gb_hh, bias, dwt)
+            # gradient of this layer's input (not for token ids, nor when the
+            # caller passes an empty dx: training needs no input gradient)
+            if not (k == 0 and (has_tok or dx.shape[0] == 0)):
+                Dl = DELTA.reshape((T * B, GH))
+                if d == 0:
+                    np.dot(Dl, W_ih, din)
+                else:
+                    t2 = TMP[:T * B * Ik].reshape((T * B, Ik))
+                    np.dot(Dl, W_ih, t2)
+                    for r in range(T * B):
+                        dr = din[r]
+                        tr = t2[r]
+                        for j in range(Ik):
+                            dr[j] += tr[j]
+        if k > 0:
+            dl = din.reshape((T, B, Ik))
+    for t in range(T):
+        flow[t] = math.sqrt(flow[t])
+
+
+# ============================================================================
+# read-out, loss, clipping, optimizer: the fused training step
+# ============================================================================
+@njit(cache=True)
+def readout_forward_kernel(cfg, flat, lengths, top, ws, z):
+    """z: (T*B, O) for readout 'all' (zero at padding steps) or (B, O) for
+    'last'. Also leaves HLAST in the workspace."""
+    T, B, H, D, O = cfg[C_T], cfg[C_B], cfg[C_H], cfg[C_D], cfg[C_O]
+    DH = D * H
+    W = _mat(flat, cfg[C_WOUT], O, DH)
+    bout = flat[cfg[C_BOUT]:cfg[C_BOUT] + O]
+    if cfg[C_READOUT] == 1:
+        G = 4 if cfg[C_MODE] == LSTM else 1
+        sz = _sections(T, B, cfg[C_I], H, cfg[C_L], D, G, O,
+                       1 if cfg[C_MODE] == LSTM else 0, 0)
+        hl = _section(ws, sz, 15).reshape((B, DH))
+        for b in range(B):
+            hl[b] = top[lengths[b] - 1, b]
+        np.dot(hl, W.T, z)
+        for b in range(B):
+            for o in range(O):
+                z[b, o] += bout[o]
+    else:
+        np.dot(top.reshape((T * B, DH)), W.T, z)
+        for t in range(T):
+            for b in range(B):
+                r = z[t * B + b]
+                if t < lengths[b]:
+                    for o in range(O):
+                        r[o] += bout[o]
+                else:
+                    for o in range(O):
+                        r[o] = 0
+
+
+@njit(cache=True)
+def _loss_row(loss_kind, z, yi, yf, inv_b, dz):
+    """Loss of one read-out row (float64) and its gradient dz (already / B).
+    Cross-entropy: softmax over z, target class yi; mse: mean over O."""
+    O = z.shape[0]
+    if loss_kind == 0:
+        m = np.float64(z[0])
+        for o in range(1, O):
+            if z[o] > m:
+                m = np.float64(z[o])
+        s = 0.0
+        for o in range(O):
+            e = math.exp(np.float64(z[o]) - m)
+            dz[o] = e
+            s += e
+        for o in range(O):
+            dz[o] = dz[o] / s * inv_b
+        dz[yi] -= inv_b
+        return m + math.log(s) - np.float64(z[yi])
+    acc = 0.0
+    for o in range(O):
+        diff = np.float64(z[o]) - np.float64(yf[o])
+        acc += diff * diff
+        dz[o] = 2 * (z[o] - yf[o]) / O * inv_b
+    return acc / O
+
+
+@njit(cache=True)
+def readout_forward_kernel(cfg, flat, lengths, top, ws):
+    """Linear read-out of the top layer output into the workspace section Z:
+    (T*B, O) for readout 'all' (zero at padding steps) or (B, O) for 'last'
+    (then HLAST holds each sequence's last valid output). Returns Z's view."""
+    T, B, H, D, O = cfg[C_T], cfg[C_B], cfg[C_H], cfg[C_D], cfg[C_O]
+    DH = D * H
+    sz = _sections_of(cfg)
+    W = _mat(flat, cfg[C_WOUT], O, DH)
+    bout = flat[cfg[C_BOUT]:cfg[C_BOUT] + O]
+    if cfg[C_READOUT] == 1:
+        hl = _section(ws, sz, 15).reshape((B, DH))
+        z = _section(ws, sz, 13)[:B * O].reshape((B, O))
+        for b in range(B):
+            hl[b] = top[lengths[b] - 1, b]
+        np.dot(hl, W.T, z)
+        for b in range(B):
+            for o in range(O):
+                z[b, o] += bout[o]
+        return z
+    z = _section(ws, sz, 13).reshape((T * B, O))
+    np.dot(top.reshape((T * B, DH)), W.T, z)
+    for t in range(T):
+        for b in range(B):
+            r = z[t * B + b]
+            if t < lengths[b]:
+                for o in range(O):
+                    r[o] += bout[o]
+            else:
+                for o in range(O):
+                    r[o] = 0
+    return z
+
+
+@njit(cache=True)
+def _sections_of(cfg):
+    mode = cfg[C_MODE]
+    G = 4 if mode == LSTM else 1
+    return _sections(cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H], cfg[C_L],
+                     cfg[C_D], G, cfg[C_O], 1 if mode == LSTM else 0,
+                     cfg[C_TOK])
+
+
+@njit(cache=True)
+def loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf, grad, dtop):
+    """Loss (sum over steps, mean over batch) of the read-out that
+    readout_forward_kernel left in ws; fills dtop (T, B, D*H) and the
+    read-out gradients. yi: class ids, one per read-out row (length 1 dummy
+    for mse); yf: (rows, O) targets (a (1, O) dummy for cross-entropy)."""
+    T, B, H, D, O = cfg[C_T], cfg[C_B], cfg[C_H], cfg[C_D], cfg[C_O]
+    DH = D * H
+    sz = _sections_of(cfg)
+    W = _mat(flat, cfg[C_WOUT], O, DH)
+    gW = _mat(grad, cfg[C_WOUT], O, DH)
+    gb = grad[cfg[C_BOUT]:cfg[C_BOUT] + O]
+    inv_b = 1.0 / B
+    ni, nf = yi.shape[0] - 1, yf.shape[0] - 1
+    loss = 0.0
+    if cfg[C_READOUT] == 1:
+        z = _section(ws, sz, 13)[:B * O].reshape((B, O))
+        dz = _section(ws, sz, 14)[:B * O].reshape((B, O))
+        hl = _section(ws, sz, 15).reshape((B, DH))
+        for b in range(B):
+            loss += _loss_row(cfg[C_LOSS], z[b], yi[min(b, ni)],
+                              yf[min(b, nf)], inv_b, dz[b])
+        np.dot(dz.T, hl, gW)
+        dh = _section(ws, sz, 8)[:B * DH].reshape((B, DH))
+        np.dot(dz, W, dh)
+        dtop[:] = 0
+        for b in range(B):
+            dtop[lengths[b] - 1, b] = dh[b]
+    else:
+        z = _section(ws, sz, 13).reshape((T * B, O))
+        dz = _section(ws, sz, 14).reshape((T * B, O))
+        for t in range(T):
+            for b in range(B):
+                r = t * B + b
+                if t < lengths[b]:
+                    loss += _loss_row(cfg[C_LOSS], z[r], yi[min(r, ni)],
+                                      yf[min(r, nf)], inv_b, dz[r])
+                else:
+                    dz[r] = 0
+        np.dot(dz.T, top.reshape((T * B, DH)), gW)
+        np.dot(dz, W, dtop.reshape((T * B, DH)))
+    gb[:] = 0
+    for r in range(dz.shape[0]):
+        for o in range(O):
+            gb[o] += dz[r, o]
+    return loss * inv_b
+
+
+@njit(cache=True)
+def clip_update_kernel(cfg, fcfg, flat, grad, opt_state, res):
+    """Global norm, finiteness guard, clipping and the optimizer update, each
+    one loop over the flat arrays. res[R_LOSS] must hold the loss already."""
+    P = flat.shape[0]
+    acc = 0.0
+    for j in range(P):
+        acc += np.float64(grad[j]) * grad[j]
+    gnorm = math.sqrt(acc)
+    res[R_GNORM] = gnorm
+    res[R_CLIPPED] = 0
+    if not (math.isfinite(res[R_LOSS]) and math.isfinite(gnorm)):
+        res[R_SKIPPED] = 1
+        return
+    res[R_SKIPPED] = 0
+    limit = fcfg[F_LIMIT]
+    if cfg[C_CLIP] == 1 and gnorm > limit:
+        scale = grad.dtype.type(limit / gnorm)
+        for j in range(P):
+            grad[j] *= scale
+        res[R_CLIPPED] = 1
+    elif cfg[C_CLIP] == 2:
+        lim = grad.dtype.type(limit)
+        n = 0
+        for j in range(P):
+            g = grad[j]
+            if g > lim:
+                grad[j] = lim
+                n += 1
+            elif g < -lim:
+                grad[j] = -lim
+                n += 1
+        res[R_CLIPPED] = 1 if n > 0 else 0
+    lr = fcfg[F_LR]
+    m = opt_state[0]
+    v = opt_state[1]
+    opt = cfg[C_OPT]
+    if opt == 0:
+        mu = fcfg[F_MOM]
+        if mu != 0:
+            for j in range(P):
+                m[j] = mu * m[j] + grad[j]
+                flat[j] -= lr * m[j]
+        else:
+            for j in range(P):
+                flat[j] -= lr * grad[j]
+    elif opt == 1:
+        b1, b2, eps = fcfg[F_B1], fcfg[F_B2], fcfg[F_EPS]
+        step = cfg[C_STEP]
+        bc1 = 1 - b1 ** step
+        bc2s = math.sqrt(1 - b2 ** step)
+        step_size = lr / bc1
+        for j in range(P):
+            g = grad[j]
+            m[j] = b1 * m[j] + (1 - b1) * g
+            v[j] = b2 * v[j] + (1 - b2) * g * g
+            flat[j] -= step_size * m[j] / (math.sqrt(v[j]) / bc2s + eps)
+    else:
+        eps = fcfg[F_EPS]
+        for j in range(P):
+            g = grad[j]
+            m[j] = m[j] + g * g
+            flat[j] -= lr * g / (math.sqrt(m[j]) + eps)
+
+
+@njit(cache=True)
+def train_step_kernel(cfg, fcfg, flat, grad, opt_state, batch, ws, state_n,
+                      res):
+    """One fused training step: forward over time, loss, BPTT, clipping and
+    the optimizer update. batch = (x, tok, lengths, state0, yi, yf).
+    res receives loss, grad norm (before clipping), clipped, skipped."""
+    x, tok, lengths, state0, yi, yf = batch
+    T, B, I = cfg[C_T], cfg[C_B], cfg[C_I]
+    top = core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n)
+    readout_forward_kernel(cfg, flat, lengths, top, ws)
+    sz = _sections_of(cfg)
+    DH = cfg[C_D] * cfg[C_H]
+    dtop = _section(ws, sz, 6)[:T * B * DH].reshape((T, B, DH))
+    res[R_LOSS] = loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf,
+                                       grad, dtop)
+    dstate = np.zeros_like(state_n)
+    flow = np.empty(T, dtype=np.float64)
+    dx = x[:0]  # input gradient is not needed for training
+    core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate, grad,
+                         dx, dstate, flow, fcfg[F_SCLIP])
+    clip_update_kernel(cfg, fcfg, flat, grad, opt_state, res)
+
+
+@njit(cache=True)
+def flow_kernel(cfg, flat, grad, batch, ws, state_n, flow):
+    """Forward, loss and BPTT; flow (T,) receives the norm of dL/dh_t of the
+    top layer per step."""
+    x, tok, lengths, state0, yi, yf = batch
+    T, B = cfg[C_T], cfg[C_B]
+    top = core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n)
+    readout_forward_kernel(cfg, flat, lengths, top, ws)
+    sz = _sections_of(cfg)
+    DH = cfg[C_D] * cfg[C_H]
+    dtop = _section(ws, sz, 6)[:T * B * DH].reshape((T, B, DH))
+    loss = loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf, grad,
+                                dtop)
+    dstate = np.zeros_like(state_n)
+    core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate, grad,
+                         x[:0], dstate, flow, 0.0)
+    return loss
+
+
+# ============================================================================
+# Python entry points (the same functions as backends/reference.py)
+# ============================================================================
+_OPTS = {"sgd": 0, "adam": 1, "adagrad": 2}
+_CLIPS = {None: 0, "norm": 1, "value": 2}
+_MODES = {"tanh": 0, "relu": 1, "sigmoid": 2, "lstm": 3}
+
+
+class _Ctx:
+    """Per-caller state kept between calls: the workspace and the cfg array
+    for the last shape, so a steady training loop allocates nothing."""
+    __slots__ = ("key", "cfg", "ws", "grad", "state_n", "res", "fcfg")
+
+    def __init__(self):
+        self.key = None
+
+
+def _ctx(ctx):
+    if ctx is None:
+        return _Ctx()
+    c = ctx.get("numba")
+    if c is None:
+        c = ctx["numba"] = _Ctx()
+    return c
+
+
+def _prepare(c, spec, flat, T, B, tok):
+    if spec.mode == "lstm":
+        raise NotImplementedError(
+            "the LSTM is not implemented on the numba backend yet; "
+            "use backend='numpy'")
+    key = (spec, T, B, tok, flat.dtype)
+    if c.key == key:
+        return
+    from .._spec import param_offsets, out_offsets
+    poff = param_offsets(spec)
+    cfg = np.zeros(C_POFF + poff.size, dtype=np.int64)
+    cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H] = T, B, spec.I, spec.H
+    cfg[C_L], cfg[C_D], cfg[C_MODE] = spec.L, spec.D, _MODES[spec.mode]
+    cfg[C_BIAS], cfg[C_TOK], cfg[C_O] = int(spec.bias), int(tok), spec.O
+    cfg[C_READOUT] = 1 if spec.readout == "last" else 0
+    cfg[C_LOSS] = 1 if spec.loss == "mse" else 0
+    cfg[C_FAST] = int(flat.dtype == np.float32)
+    cfg[C_SMALL] = SMALL_MACS
+    cfg[C_WOUT], cfg[C_BOUT] = out_offsets(spec)
+    cfg[C_POFF:] = poff.ravel()
+    G = 4 if spec.mode == "lstm" else 1
+    n = workspace_size(T, B, spec.I, spec.H, spec.L, spec.D, G, spec.O,
+                       int(spec.mode == "lstm"), int(tok))
+    c.cfg = cfg
+    c.ws = np.zeros(n, dtype=flat.dtype)
+    c.grad = np.zeros_like(flat)
+    c.state_n = np.zeros((2 if spec.mode == "lstm" else 1, spec.L * spec.D,
+                          B, spec.H), dtype=flat.dtype)
+    c.res = np.zeros(4, dtype=np.float64)
+    c.fcfg = np.zeros(8, dtype=np.float64)
+    c.key = key
+
+
+def _split_x(x, dtype):
+    """(T, B, I) float -> ((T*B, I), empty ids); (T, B) ids -> (empty, ids)."""
+    T, B = x.shape[0], x.shape[1]
+    if x.dtype.kind in "iu":
+        return np.empty((0, 1), dtype=dtype), np.ascontiguousarray(x, dtype=np.int64).reshape(T * B), True
+    return np.ascontiguousarray(x, dtype=dtype).reshape(T * B, x.shape[2]), np.empty(0, np.int64), False
+
+
+def _targets(spec, y, dtype):
+    if spec.loss == "cross_entropy":
+        return (np.ascontiguousarray(y, dtype=np.int64).reshape(-1),
+                np.zeros((1, max(spec.O, 1)), dtype=dtype))
+    return (np.zeros(1, dtype=np.int64),
+            np.ascontiguousarray(y, dtype=dtype).reshape(-1, spec.O))
+
+
+def core_forward(spec, flat, x, lengths, state0, ctx=None):
+    c = _ctx(ctx)
+    T, B = x.shape[0], x.shape[1]
+    x2, tok, is_tok = _split_x(x, flat.dtype)
+    _prepare(c, spec, flat, T, B, is_tok)
+    state_n = np.empty_like(c.state_n)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
+                              state_n)
+    return top.copy(), state_n, (c, x2, tok, lengths, T, B, state_n.shape)
+
+
+def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None,
+                  ctx=None):
+    c, x2, tok, lengths, T, B, sshape = cache
+    cfg = c.cfg.copy()
+    cfg[C_SCLIP] = int(state_clip is not None)
+    grad = np.zeros_like(flat)
+    dx = np.empty((T * B, spec.I) if tok.shape[0] == 0 else (0, 1), dtype=flat.dtype)
+    dstate0 = np.zeros(sshape, dtype=flat.dtype)
+    flow = np.empty(T, dtype=np.float64)
+    dout = np.ascontiguousarray(dout, dtype=flat.dtype)
+    dstate_n = np.ascontiguousarray(dstate_n, dtype=flat.dtype)
+    core_backward_kernel(cfg, flat, x2, tok, lengths, c.ws, dout, dstate_n,
+                         grad, dx, dstate0, flow,
+                         0.0 if state_clip is None else float(state_clip))
+    dx = None if tok.shape[0] else dx.reshape(T, B, spec.I)
+    return dx, dstate0, grad, flow
+
+
+def model_forward(spec, flat, x, lengths, state0, ctx=None):
+    c = _ctx(ctx)
+    T, B = x.shape[0], x.shape[1]
+    x2, tok, is_tok = _split_x(x, flat.dtype)
+    _prepare(c, spec, flat, T, B, is_tok)
+    state_n = np.empty_like(c.state_n)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
+                              state_n)
+    z = readout_forward_kernel(c.cfg, flat, lengths, top, c.ws).copy()
+    if spec.readout == "last":
+        return z, state_n
+    return z.reshape(T, B, spec.O), state_n
+
+
+def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
+               hyper, clip, limit, state_clip, ctx=None):
+    c = _ctx(ctx)
+    T, B = x.shape[0], x.shape[1]
+    x2, tok, is_tok = _split_x(x, flat.dtype)
+    _prepare(c, spec, flat, T, B, is_tok)
+    cfg, f = c.cfg, c.fcfg
+    cfg[C_OPT] = _OPTS[opt]
+    cfg[C_CLIP] = _CLIPS[clip]
+    cfg[C_SCLIP] = int(state_clip is not None)
+    cfg[C_STEP] = step
+    f[F_LR] = hyper["lr"]
+    f[F_MOM] = hyper.get("momentum", 0.0)
+    f[F_B1] = hyper.get("beta1", 0.0)
+    f[F_B2] = hyper.get("beta2", 0.0)
+    f[F_EPS] = hyper.get("eps", 0.0)
+    f[F_LIMIT] = 0.0 if limit is None else limit
+    f[F_SCLIP] = 0.0 if state_clip is None else state_clip
+    yi, yf = _targets(spec, y, flat.dtype)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    state_n = np.empty_like(c.state_n)
+    train_step_kernel(cfg, f, flat, c.grad, opt_state,
+                      (x2, tok, lengths, state0, yi, yf), c.ws, state_n, c.res)
+    r = c.res
+    return dict(loss=float(r[R_LOSS]), grad_norm=float(r[R_GNORM]),
+                clipped=bool(r[R_CLIPPED]), skipped=bool(r[R_SKIPPED]),
+                state_n=state_n, grad=c.grad)
+
+
+def gradient_flow(spec, flat, x, lengths, state0, y, ctx=None):
+    c = _ctx(ctx)
+    T, B = x.shape[0], x.shape[1]
+    x2, tok, is_tok = _split_x(x, flat.dtype)
+    _prepare(c, spec, flat, T, B, is_tok)
+    yi, yf = _targets(spec, y, flat.dtype)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    state_n = np.empty_like(c.state_n)
+    flow = np.empty(T, dtype=np.float64)
+    cfg = c.cfg.copy()
+    cfg[C_SCLIP] = 0
+    flow_kernel(cfg, flat, c.grad, (x2, tok, lengths, state0, yi, yf), c.ws,
+                state_n, flow)
+    return flow

@@ -1,0 +1,191 @@
+"""SequenceModel (core + linear read-out + loss), the fused TrainStep, and
+gradient_flow.
+
+The model's parameters -- the core's and the read-out's -- live in one flat
+buffer; the core's parameters become a view into it, so the layer and the
+model always agree. TrainStep keeps the optimizer moments as flat arrays of
+the same length; forward, loss, BPTT, clipping and the update are one call
+into the backend.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import backends
+from ._spec import LOSSES, READOUTS, n_core_params, views
+from ._validate import (check_choice, check_int, check_positive, lengths_arg,
+                        sequence_input, targets_arg)
+from .clip import ClipNorm, ClipValue
+from .init import init_readout
+from .layers import _load_arrays, _Recurrent
+from .optim import Optimizer
+
+
+class SequenceModel:
+    """A recurrent core (fr.RNN or fr.LSTM) with a linear read-out.
+
+    z_t = W_out h_t + b_out on the top layer's output h_t (all directions).
+    readout="all": a target at every step; "last": one target per sequence,
+    from its last valid step. loss: "cross_entropy" (softmax, NLL) or "mse"
+    (mean over the O outputs). The loss is the sum over time steps, averaged
+    over the batch.
+    """
+
+    def __init__(self, core, output_size, *, loss="cross_entropy", readout="all",
+                 seed=None):
+        if not isinstance(core, _Recurrent):
+            raise TypeError(f"core: expected an fr.RNN or fr.LSTM, got {type(core).__name__}")
+        self.output_size = check_int("output_size", output_size, lo=1)
+        self.loss = check_choice("loss", loss, tuple(LOSSES))
+        self.readout = check_choice("readout", readout, tuple(READOUTS))
+        self.core = core
+        self._spec = core._spec.with_readout(self.output_size, loss, readout)
+        self.dtype = core.dtype
+        flat = np.zeros(self._spec._n_total, dtype=self.dtype)
+        nc = n_core_params(self._spec)
+        flat[:nc] = core._flat
+        if seed is None and core.seed is not None:
+            seed = [core.seed, 1]  # derived, so a seeded core gives a seeded model
+        tmp = np.zeros_like(flat, dtype=np.float64)
+        init_readout(self._spec, tmp, np.random.default_rng(seed))
+        flat[nc:] = tmp[nc:]
+        core._flat = flat[:nc]  # the core now lives inside the model's buffer
+        core._cache = None
+        self._flat = flat
+        self._ctx = {}
+
+    @property
+    def backend(self):
+        return self.core.backend
+
+    @property
+    def _be(self):
+        return self.core._be
+
+    def state_dict(self):
+        """Core's keys (PyTorch names) plus weight_out (O, D*H), bias_out (O,)."""
+        return {k: v.copy() for k, v in views(self._spec, self._flat).items()}
+
+    def load_state_dict(self, d, strict=True):
+        _load_arrays("SequenceModel", self._spec, self._flat, d, strict)
+        self.core._cache = None
+
+    def parameters(self):
+        return views(self._spec, self._flat)
+
+    def num_parameters(self):
+        return int(self._flat.size)
+
+    def _inputs(self, x, hx, lengths):
+        core = self.core
+        xs = sequence_input(x, core.input_size, self.dtype, core.batch_first)
+        T, B = xs.shape[0], xs.shape[1]
+        ln = lengths_arg(lengths, T, B)
+        st0 = core._state0(hx, B)
+        return xs, T, B, ln, st0
+
+    def forward(self, x, hx=None, lengths=None):
+        """(outputs, h_n): logits/values (T, B, O) for readout 'all' (zero at
+        padding steps; (B, T, O) if batch_first) or (B, O) for 'last'."""
+        xs, T, B, ln, st0 = self._inputs(x, hx, lengths)
+        z, st_n = self._be.model_forward(self._spec, self._flat, xs, ln, st0,
+                                         ctx=self._ctx)
+        if self.readout == "all" and self.core.batch_first:
+            z = np.ascontiguousarray(z.swapaxes(0, 1))
+        return z, self.core._state_out(st_n)
+
+    __call__ = forward
+
+    def __repr__(self):
+        return (f"SequenceModel({self.core!r}, {self.output_size}, loss={self.loss!r}, "
+                f"readout={self.readout!r})")
+
+
+@dataclass
+class StepResult:
+    """What one TrainStep call reports."""
+    loss: float          # sum over steps, mean over the batch
+    grad_norm: float     # global L2 norm of all parameter gradients, before clipping
+    clipped: bool        # whether clipping changed the gradient
+    skipped: bool        # non-finite loss/gradient: nothing was updated
+    hx: object           # final state (h_n, or (h_n, c_n)): pass back for truncated BPTT
+
+
+class TrainStep:
+    """The fused training step: forward, loss, BPTT, clipping and the
+    optimizer update in one call into the model's backend.
+
+    clip: None, fr.ClipNorm(max_norm) or fr.ClipValue(limit).
+    state_clip: None or c > 0: dL/dh_t is clamped to [-c, c] inside BPTT at
+    every step before it propagates further back (the LSTM's cell-state
+    gradient is not clamped).
+    on_nonfinite: "skip" (report skipped=True, change nothing) or "raise"
+    (FloatingPointError, change nothing).
+    """
+
+    def __init__(self, model, optimizer, *, clip=None, state_clip=None,
+                 on_nonfinite="skip"):
+        if not isinstance(model, SequenceModel):
+            raise TypeError(f"model: expected an fr.SequenceModel, got {type(model).__name__}")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer: expected fr.SGD, fr.Adam or fr.Adagrad, "
+                            f"got {type(optimizer).__name__}")
+        if clip is not None and not isinstance(clip, (ClipNorm, ClipValue)):
+            raise TypeError(f"clip: expected None, fr.ClipNorm or fr.ClipValue, "
+                            f"got {type(clip).__name__}")
+        self.model = model
+        self.optimizer = optimizer
+        self.clip = clip
+        self.state_clip = None if state_clip is None else check_positive("state_clip", state_clip)
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
+        self.opt_state = np.zeros((2, model._flat.size), dtype=model.dtype)
+        self.steps = 0       # successful updates (Adam's t)
+        self._ctx = {}
+
+    def __call__(self, x, y, hx=None, lengths=None):
+        m = self.model
+        xs, T, B, ln, st0 = m._inputs(x, hx, lengths)
+        yy = targets_arg(y, m._spec, T, B, ln, m.core.batch_first, m.dtype)
+        clip = self.clip
+        r = m._be.train_step(m._spec, m._flat, self.opt_state, self.steps + 1, xs, ln,
+                             st0, yy, opt=self.optimizer.kind,
+                             hyper=self.optimizer.hyper,
+                             clip=None if clip is None else clip.kind,
+                             limit=None if clip is None else clip.limit,
+                             state_clip=self.state_clip, ctx=self._ctx)
+        if r["skipped"]:
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(
+                    f"non-finite loss ({r['loss']}) or gradient norm ({r['grad_norm']}); "
+                    "parameters and optimizer state were left unchanged")
+        else:
+            self.steps += 1
+        m.core._cache = None
+        return StepResult(loss=r["loss"], grad_norm=r["grad_norm"], clipped=r["clipped"],
+                          skipped=r["skipped"], hx=m.core._state_out(r["state_n"]))
+
+    step = __call__
+
+    def state_dict(self):
+        """Optimizer state (moments and step count) as arrays."""
+        return {"opt_state": self.opt_state.copy(), "steps": self.steps}
+
+    def load_state_dict(self, d):
+        st = np.asarray(d["opt_state"])
+        if st.shape != self.opt_state.shape:
+            raise ValueError(f"opt_state: expected shape {self.opt_state.shape}, got {st.shape}")
+        self.opt_state[...] = st
+        self.steps = int(d["steps"])
+
+
+def gradient_flow(model, x, y, hx=None, lengths=None):
+    """(T,) array: the L2 norm of dL/dh_t of the top layer at every step (all
+    batch rows and directions together): how much of the loss gradient
+    reaches each step. Nothing is updated."""
+    if not isinstance(model, SequenceModel):
+        raise TypeError(f"model: expected an fr.SequenceModel, got {type(model).__name__}")
+    xs, T, B, ln, st0 = model._inputs(x, hx, lengths)
+    yy = targets_arg(y, model._spec, T, B, ln, model.core.batch_first, model.dtype)
+    flow = model._be.gradient_flow(model._spec, model._flat, xs, ln, st0, yy,
+                                   ctx=model._ctx)
+    return np.asarray(flow, dtype=np.float64)
