@@ -104,6 +104,13 @@ def header(data, info, path):
         + f", {cores} cores, {mi.get('system', '?')} {mi.get('machine', '')},"
           f" Python {mi.get('python_version', '?')}",
     ]
+    loads = [b["extra_info"]["loadavg_1min"] for b in data["benchmarks"]
+             if isinstance((b.get("extra_info") or {}).get("loadavg_1min"),
+                           (int, float))]
+    if loads:
+        lines.append(f"- 1-min load average before each benchmark: "
+                     f"{min(loads):.2f} to {max(loads):.2f} (this run itself "
+                     f"adds about 1-2; more means other work shared the CPU)")
     versions = info.get("versions")
     if isinstance(versions, dict) and versions:
         lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))

@@ -19,6 +19,7 @@ extra_info holds cell, backend, B, H, ...; benchmarks/report.py turns the
 import functools
 import itertools
 import math
+import os
 import time
 import warnings
 
@@ -93,13 +94,21 @@ def _fr_cell_class(cell):
     raise ValueError(f"unknown cell {cell!r}")
 
 
+def _skip_if_lstm(cell, backend, err):
+    """A NotImplementedError skips an LSTM case (the LSTM may come later on
+    some backends); for the RNN it is an error and propagates."""
+    if cell == "lstm":
+        pytest.skip(f"fr.LSTM on backend {backend!r} not implemented: {err}")
+    raise err
+
+
 def _fr_model(cell, H, backend, state=None):
     """SequenceModel on `backend`, loaded with `state` when given."""
     Cell = _fr_cell_class(cell)
     try:
         core = Cell(I, H, backend=backend, seed=0, dtype=DTYPE)
     except NotImplementedError as e:
-        pytest.skip(f"fr.{cell.upper()} not implemented: {e}")
+        _skip_if_lstm(cell, backend, e)
     model = fr.SequenceModel(core, O, loss="cross_entropy", readout="all")
     if state is not None:
         model.load_state_dict(state)
@@ -124,7 +133,7 @@ def reference(cell, B, H):
     try:
         res = step(x, y)
     except NotImplementedError as e:
-        pytest.skip(f"{cell} training step not implemented: {e}")
+        _skip_if_lstm(cell, "numpy", e)
     assert not res.skipped, "reference step skipped (non-finite loss/grad)"
     w1 = _copy_state(model.state_dict())
     for a in (x, y, *w0.values(), *w1.values()):
@@ -219,7 +228,10 @@ def check_against_reference(cell, backend, B, H):
     """One step on a fresh copy from the reference's weights and data."""
     x, y, w0, ref_loss, ref_w1 = reference(cell, B, H)
     _, call, args, state_fn, _ = make_impl(cell, backend, B, H, x, y, w0)
-    loss = call(*args)
+    try:
+        loss = call(*args)
+    except NotImplementedError as e:
+        _skip_if_lstm(cell, backend, e)
     w1 = state_fn()
     rtol = RTOL[np.dtype(DTYPE)]
     urtol = UPDATE_RTOL[np.dtype(DTYPE)]
@@ -271,6 +283,8 @@ def test_train_step(benchmark, request, cell, B, H, backend):
         dtype=np.dtype(DTYPE).name, nonlinearity=NONLINEARITY,
         loss="cross_entropy", readout="all", optimizer=f"SGD(lr={LR})",
         check="passed", **check, **info, versions=_versions())
+    if hasattr(os, "getloadavg"):  # other work on the machine skews timings
+        benchmark.extra_info["loadavg_1min"] = round(os.getloadavg()[0], 2)
 
     # warm-up (numba compiles on the first call) and a first timing
     t0 = time.perf_counter()

@@ -295,6 +295,112 @@ def _rnn_dir_backward(mode, small, rev, lengths, W_hh, HX, dlout, col,
 
 
 @njit(cache=True)
+def _lstm_dir_forward(fast, small, rev, x, tok, lengths, W_ih, W_hh, b_ih,
+                      b_hh, bias, h0, c0, GATES, HX, CX, TC, lout, col, wt,
+                      stmp, fscr, ibuf):
+    """LSTM over the sequence, one direction, gates in PyTorch's order
+    (i, f, g, o). GATES: (T, B, 4H) receives the gate activations, HX/CX:
+    (T+2, B, H) the states, TC: (T, B, H) tanh(c_t)."""
+    T = HX.shape[0] - 2
+    B, H = h0.shape
+    P = GATES.reshape((T * B, 4 * H))
+    _project(x, tok, W_ih, b_ih, b_hh, bias, P, wt)
+    WT = _transpose_into(W_hh, wt)
+    hpos0 = T + 1 if rev else 0
+    HX[hpos0] = h0
+    CX[hpos0] = c0
+    for s in range(T):
+        t = T - 1 - s if rev else s
+        tp = t + 2 if rev else t
+        _addmm(HX[tp], WT, GATES[t], stmp, small)
+        for b in range(B):
+            h = HX[t + 1, b]
+            c = CX[t + 1, b]
+            o_ = lout[t, b, col:col + H]
+            if t < lengths[b]:
+                a = GATES[t, b]
+                _act_row(2, fast, a[0:2 * H], fscr, ibuf)
+                _act_row(0, fast, a[2 * H:3 * H], fscr, ibuf)
+                _act_row(2, fast, a[3 * H:4 * H], fscr, ibuf)
+                ig = a[0:H]
+                fg = a[H:2 * H]
+                gg = a[2 * H:3 * H]
+                cp = CX[tp, b]
+                tc = TC[t, b]
+                for j in range(H):
+                    c[j] = fg[j] * cp[j] + ig[j] * gg[j]
+                    tc[j] = c[j]
+                _act_row(0, fast, tc, fscr, ibuf)
+                og = a[3 * H:4 * H]
+                for j in range(H):
+                    h[j] = og[j] * tc[j]
+                    o_[j] = h[j]
+            else:
+                hp = HX[tp, b]
+                cp = CX[tp, b]
+                for j in range(H):
+                    h[j] = hp[j]
+                    c[j] = cp[j]
+                    o_[j] = 0
+
+
+@njit(cache=True)
+def _lstm_dir_backward(small, rev, lengths, W_hh, GATES, CX, TC, dlout, col,
+                       dh, dc, DELTA, stmp, sclip, use_sclip, flow, want_flow):
+    """BPTT for one LSTM direction. dh, dc (B, H) hold dL/dh_T, dL/dc_T on
+    entry and dL/dh0, dL/dc0 on exit; DELTA (T, B, 4H) receives dL/d(gate
+    pre-activations). Only dh is state-clipped, never dc."""
+    T = CX.shape[0] - 2
+    B, H = dh.shape
+    for s in range(T):
+        t = s if rev else T - 1 - s
+        tp = t + 2 if rev else t
+        for b in range(B):
+            dl = DELTA[t, b]
+            if t < lengths[b]:
+                d = dh[b]
+                g = dlout[t, b, col:col + H]
+                for j in range(H):
+                    d[j] += g[j]
+                if use_sclip:
+                    for j in range(H):
+                        d[j] = min(max(d[j], -sclip), sclip)
+                if want_flow:
+                    acc = 0.0
+                    for j in range(H):
+                        acc += np.float64(d[j]) * d[j]
+                    flow[t] += acc
+                a = GATES[t, b]
+                ig = a[0:H]
+                fg = a[H:2 * H]
+                gg = a[2 * H:3 * H]
+                og = a[3 * H:4 * H]
+                tc = TC[t, b]
+                cp = CX[tp, b]
+                dcc = dc[b]
+                di = dl[0:H]
+                df = dl[H:2 * H]
+                dg = dl[2 * H:3 * H]
+                do = dl[3 * H:4 * H]
+                for j in range(H):
+                    dct = dcc[j] + d[j] * og[j] * (1 - tc[j] * tc[j])
+                    di[j] = dct * gg[j] * ig[j] * (1 - ig[j])
+                    df[j] = dct * cp[j] * fg[j] * (1 - fg[j])
+                    dg[j] = dct * ig[j] * (1 - gg[j] * gg[j])
+                    do[j] = d[j] * tc[j] * og[j] * (1 - og[j])
+                    dcc[j] = dct * fg[j]
+            else:
+                for j in range(4 * H):
+                    dl[j] = 0
+        nxt = stmp[:B * H].reshape((B, H))
+        nxt[:] = 0
+        _addmm(DELTA[t], W_hh, nxt, stmp[B * H:], small)
+        for b in range(B):
+            if t < lengths[b]:
+                dh[b] = nxt[b]
+
+
+@njit(cache=True)
 def _dir_param_grads(x, tok, rev, HX, DELTA, gW_ih, gW_hh, gb_ih, gb_hh,
                      bias, dwt):
     """dW_ih, dW_hh as one product each over all stored deltas; db by sum."""
@@ -345,6 +451,10 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
     G = 4 if mode == LSTM else 1
     sz = _sections_of(cfg)
     HXall = _section(ws, sz, 0).reshape((L * D, T + 2, B, H))
+    nl = L * D if mode == LSTM else 0   # LSTM-only sections are empty otherwise
+    CXall = _section(ws, sz, 1).reshape((nl, T + 2, B, H))
+    GATESall = _section(ws, sz, 2).reshape((nl, T, B, 4 * H))
+    TCall = _section(ws, sz, 3).reshape((nl, T, B, H))
     LOUT = _section(ws, sz, 4).reshape((L, T, B, D * H))
     wt = _section(ws, sz, 11)
     stmp = _section(ws, sz, 9)
@@ -371,13 +481,22 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
                 b_ih = flat[:0]
                 b_hh = flat[:0]
             HX = HXall[kd]
-            _rnn_dir_forward(mode, fast, small, d == 1, xin, tk, lengths,
-                             W_ih, W_hh, b_ih, b_hh, bias, state0[0, kd], HX,
-                             LOUT[k], d * H, wt, stmp, fscr, ibuf)
+            if mode == LSTM:
+                _lstm_dir_forward(fast, small, d == 1, xin, tk, lengths, W_ih,
+                                  W_hh, b_ih, b_hh, bias, state0[0, kd],
+                                  state0[1, kd], GATESall[kd], HX, CXall[kd],
+                                  TCall[kd], LOUT[k], d * H, wt, stmp, fscr,
+                                  ibuf)
+            else:
+                _rnn_dir_forward(mode, fast, small, d == 1, xin, tk, lengths,
+                                 W_ih, W_hh, b_ih, b_hh, bias, state0[0, kd],
+                                 HX, LOUT[k], d * H, wt, stmp, fscr, ibuf)
             hpos = 1 if d == 1 else T
             # final state: for the forward direction the state at lengths-1
             # (padding steps carried it to HX[T]); reverse: the state after t=0
             state_n[0, kd] = HX[hpos]
+            if mode == LSTM:
+                state_n[1, kd] = CXall[kd, hpos]
     return LOUT[L - 1]
 
 
@@ -398,6 +517,10 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
     has_tok = tok.shape[0] > 0
     sz = _sections_of(cfg)
     HXall = _section(ws, sz, 0).reshape((L * D, T + 2, B, H))
+    nl = L * D if mode == LSTM else 0
+    CXall = _section(ws, sz, 1).reshape((nl, T + 2, B, H))
+    GATESall = _section(ws, sz, 2).reshape((nl, T, B, 4 * H))
+    TCall = _section(ws, sz, 3).reshape((nl, T, B, H))
     LOUT = _section(ws, sz, 4).reshape((L, T, B, D * H))
     DELTA = _section(ws, sz, 5).reshape((T, B, GH))
     DA = _section(ws, sz, 6)
@@ -433,9 +556,18 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
                 gb_hh = grad[:0]
             dh = DH[0]
             dh[:] = dstate_n[0, kd]
-            _rnn_dir_backward(mode, small, d == 1, lengths, W_hh, HXall[kd],
-                              dl, d * H, dh, DELTA, stmp, sclip, use_sclip,
-                              flow, k == L - 1)
+            if mode == LSTM:
+                dc = DH[1]
+                dc[:] = dstate_n[1, kd]
+                _lstm_dir_backward(small, d == 1, lengths, W_hh, GATESall[kd],
+                                   CXall[kd], TCall[kd], dl, d * H, dh, dc,
+                                   DELTA, stmp, sclip, use_sclip, flow,
+                                   k == L - 1)
+                dstate0[1, kd] = dc
+            else:
+                _rnn_dir_backward(mode, small, d == 1, lengths, W_hh,
+                                  HXall[kd], dl, d * H, dh, DELTA, stmp, sclip,
+                                  use_sclip, flow, k == L - 1)
             dstate0[0, kd] = dh
             _dir_param_grads(xin, tk, d == 1, HXall[kd], DELTA, gW_ih, gW_hh,
                              gb_ih, gb_hh, bias, dwt)
@@ -746,10 +878,6 @@ def _ctx(ctx):
 
 
 def _prepare(c, spec, flat, T, B, tok):
-    if spec.mode == "lstm":
-        raise NotImplementedError(
-            "the LSTM is not implemented on the numba backend yet; "
-            "use backend='numpy'")
     key = (spec, T, B, tok, flat.dtype)
     if c.key == key:
         return

@@ -1,0 +1,153 @@
+"""Every fast backend against the NumPy reference on identical weights, over
+a grid of options, float64 (1e-9 relative) and float32 (1e-4)."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastrnn as fr
+from conftest import assert_close
+
+MODES = ["tanh", "relu", "sigmoid", "lstm"]
+
+
+def _layer(mode, I, H, L, bidir, bias, dtype, backend, batch_first=False, seed=0):
+    kw = dict(num_layers=L, bias=bias, batch_first=batch_first, bidirectional=bidir,
+              dtype=dtype, seed=seed, backend=backend)
+    if mode == "lstm":
+        return fr.LSTM(I, H, **kw)
+    return fr.RNN(I, H, nonlinearity=mode, **kw)
+
+
+def _flatten_state(s):
+    return np.concatenate([np.ravel(a) for a in s]) if isinstance(s, tuple) else np.ravel(s)
+
+
+def _compare_layers(fast_backend, mode, T, B, I, H, L, bidir, bias, dtype, lengths,
+                    tokens, batch_first, seed):
+    rng = np.random.default_rng(seed)
+    a = _layer(mode, I, H, L, bidir, bias, dtype, "numpy", batch_first, seed)
+    b = _layer(mode, I, H, L, bidir, bias, dtype, fast_backend, batch_first, seed)
+    D = 2 if bidir else 1
+    shape = (B, T) if batch_first else (T, B)
+    x = rng.integers(0, I, shape) if tokens else rng.standard_normal(shape + (I,))
+    h0 = rng.standard_normal((L * D, B, H)) * 0.5
+    hx = (h0, rng.standard_normal((L * D, B, H)) * 0.5) if mode == "lstm" else h0
+    oa, ha = a(x, hx, lengths=lengths)
+    ob, hb = b(x, hx, lengths=lengths)
+    assert_close(ob, oa, dtype, "out")
+    assert_close(_flatten_state(hb), _flatten_state(ha), dtype, "h_n")
+    go = rng.standard_normal(oa.shape)
+    gh = rng.standard_normal((L * D, B, H))
+    ghn = (gh, rng.standard_normal(gh.shape)) if mode == "lstm" else gh
+    dxa, dha = a.backward(go, ghn)
+    dxb, dhb = b.backward(go, ghn)
+    if tokens:
+        assert dxa is None and dxb is None
+    else:
+        assert_close(dxb, dxa, dtype, "grad_x")
+    assert_close(_flatten_state(dhb), _flatten_state(dha), dtype, "grad_hx")
+    assert set(a.grads) == set(b.grads) == set(a.state_dict())
+    for k in a.grads:
+        assert_close(b.grads[k], a.grads[k], dtype, k)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("L,bidir", [(1, False), (2, True)])
+def test_layer_matches_reference(fast_backend, mode, dtype, L, bidir):
+    lengths = np.array([5, 2, 4])
+    _compare_layers(fast_backend, mode, 5, 3, 4, 6, L, bidir, True, dtype, lengths,
+                    False, False, 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", [
+    dict(T=1, B=1, I=1, H=1, L=1, bidir=False),      # the smallest everything
+    dict(T=1, B=3, I=2, H=1, L=2, bidir=True),       # T=1, H=1
+    dict(T=7, B=1, I=3, H=4, L=1, bidir=True),       # B=1
+    dict(T=3, B=2, I=2, H=40, L=1, bidir=False),     # BLAS path for the step product
+])
+def test_edge_shapes(fast_backend, mode, case):
+    _compare_layers(fast_backend, mode, case["T"], case["B"], case["I"], case["H"],
+                    case["L"], case["bidir"], True, np.float64, None, False, False, 1)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mode=st.sampled_from(MODES), T=st.integers(1, 6), B=st.integers(1, 4),
+       I=st.integers(1, 4), H=st.integers(1, 6), L=st.integers(1, 2),
+       bidir=st.booleans(), bias=st.booleans(), tokens=st.booleans(),
+       batch_first=st.booleans(), use_lengths=st.booleans(),
+       dtype=st.sampled_from([np.float64, np.float32]), seed=st.integers(0, 2**16))
+def test_layer_grid(fast_backend, mode, T, B, I, H, L, bidir, bias, tokens, batch_first,
+                    use_lengths, dtype, seed):
+    lengths = np.random.default_rng(seed).integers(1, T + 1, B) if use_lengths else None
+    _compare_layers(fast_backend, mode, T, B, I, H, L, bidir, bias, dtype, lengths,
+                    tokens, batch_first, seed)
+
+
+def _train(backend, mode, loss, readout, opt, clip, state_clip, dtype, tokens, bidir,
+           steps=3, seed=0):
+    T, B, I, H, O = 5, 3, 4, 5, 3
+    core = _layer(mode, I, H, 2 if bidir else 1, bidir, True, dtype, backend, seed=seed)
+    model = fr.SequenceModel(core, O, loss=loss, readout=readout)
+    step = fr.TrainStep(model, opt, clip=clip, state_clip=state_clip)
+    rng = np.random.default_rng(seed)
+    lengths = np.array([5, 2, 4])
+    out, hx = [], None
+    for _ in range(steps):
+        x = rng.integers(0, I, (T, B)) if tokens else rng.standard_normal((T, B, I))
+        yshape = (T, B) if readout == "all" else (B,)
+        y = (rng.integers(0, O, yshape) if loss == "cross_entropy"
+             else rng.standard_normal(yshape + (O,)))
+        r = step(x, y, hx=hx, lengths=lengths)
+        hx = r.hx
+        out.append(r)
+    flow = fr.gradient_flow(model, x, y, lengths=lengths)
+    z, _ = model(x, lengths=lengths)
+    return out, model.state_dict(), flow, z, step
+
+
+OPTS = [lambda: fr.SGD(0.1), lambda: fr.SGD(0.05, momentum=0.9), lambda: fr.Adam(0.01),
+        lambda: fr.Adagrad(0.1)]
+CLIPS = [lambda: None, lambda: fr.ClipNorm(0.3), lambda: fr.ClipValue(0.02)]
+
+
+@pytest.mark.parametrize("mode", ["tanh", "lstm"])
+@pytest.mark.parametrize("opt", range(len(OPTS)))
+@pytest.mark.parametrize("clip", range(len(CLIPS)))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_train_step_matches_reference(fast_backend, mode, opt, clip, dtype):
+    args = (mode, "cross_entropy", "all", OPTS[opt](), CLIPS[clip](), None, dtype,
+            False, True)
+    ra, pa, fa, za, _ = _train("numpy", *args)
+    rb, pb, fb, zb, _ = _train(fast_backend, *args)
+    for a, b in zip(ra, rb):
+        assert_close(b.loss, a.loss, dtype, "loss")
+        assert_close(b.grad_norm, a.grad_norm, dtype, "grad_norm")
+        assert a.clipped == b.clipped and a.skipped == b.skipped
+        assert_close(_flatten_state(b.hx), _flatten_state(a.hx), dtype, "hx")
+    if CLIPS[clip]() is not None:
+        assert any(a.clipped for a in ra), "test should exercise clipping"
+    for k in pa:
+        assert_close(pb[k], pa[k], dtype, k)
+    assert_close(fb, fa, dtype, "gradient_flow")
+    assert_close(zb, za, dtype, "model outputs")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("readout", ["all", "last"])
+@pytest.mark.parametrize("tokens", [False, True])
+def test_train_options_match_reference(fast_backend, mode, loss, readout, tokens):
+    args = (mode, loss, readout, fr.Adam(0.01), fr.ClipNorm(1.0), 0.05, np.float64,
+            tokens, True)
+    ra, pa, fa, za, _ = _train("numpy", *args)
+    rb, pb, fb, zb, _ = _train(fast_backend, *args)
+    for a, b in zip(ra, rb):
+        assert_close(b.loss, a.loss, np.float64, "loss")
+        assert_close(b.grad_norm, a.grad_norm, np.float64, "grad_norm")
+    for k in pa:
+        assert_close(pb[k], pa[k], np.float64, k)
+    assert_close(fb, fa, np.float64, "gradient_flow")
+    assert_close(zb, za, np.float64, "model outputs")
