@@ -72,6 +72,10 @@ def backends_of(rows):
             + sorted(found - set(ORDER)))
 
 
+def _cell_order(cell):
+    return (cell != "rnn", cell)
+
+
 def fmt_ms(seconds):
     if seconds is None:
         return "–"
@@ -159,12 +163,15 @@ def plot(table, path):
         import matplotlib.ticker
     except ImportError:
         return False
-    panels = [(cell, B) for cell in sorted(table)
+    panels = [(cell, B) for cell in sorted(table, key=_cell_order)
               for B in sorted({b for (b, _) in table[cell]})]
     if not panels:
         return False
     ncol = min(3, len(panels))
     nrow = (len(panels) + ncol - 1) // ncol
+    colors = {b: f"C{i}" for i, b in enumerate(
+        sorted({b for rows in table.values() for t in rows.values() for b in t},
+               key=lambda b: (ORDER.index(b) if b in ORDER else len(ORDER), b)))}
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow),
                              squeeze=False)
     for ax, (cell, B) in zip(axes.flat, panels):
@@ -173,7 +180,7 @@ def plot(table, path):
             pts = sorted((H, t[backend] * 1e3) for (_, H), t in rows.items()
                          if backend in t)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    label=backend)
+                    label=backend, color=colors[backend])
         ax.set_xscale("log", base=2)
         hs = sorted({H for (_, H) in rows})
         ax.set_xticks(hs, [str(h) for h in hs])
@@ -205,7 +212,7 @@ def main(argv=None):
     lines = header(data, info, args.results)
     if not table:
         lines.append("(no fastrnn training-step benchmarks in this file)")
-    for cell in sorted(table, key=lambda c: (c != "rnn", c)):
+    for cell in sorted(table, key=_cell_order):
         lines += cell_table(cell, table[cell])
     text = "\n".join(lines).rstrip() + "\n"
     print(text, end="")
