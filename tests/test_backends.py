@@ -151,3 +151,23 @@ def test_train_options_match_reference(fast_backend, mode, loss, readout, tokens
         assert_close(pb[k], pa[k], np.float64, k)
     assert_close(fb, fa, np.float64, "gradient_flow")
     assert_close(zb, za, np.float64, "model outputs")
+
+
+@pytest.mark.parametrize("mode", ["tanh", "lstm"])
+def test_products_split_over_cores(fast_backend, mode, monkeypatch):
+    """The numba backend splits the input projection, the weight gradients
+    (partial sums), the input gradient of a bidirectional layer and the
+    read-out over the cores above a size threshold: force the threshold to 0
+    so every split path runs at test size, with uneven batch chunks (B=5)."""
+    if fast_backend == "numba":
+        from fastrnn.backends import numba_cpu
+        monkeypatch.setattr(numba_cpu, "PAR_MACS", 0)
+    _compare_layers(fast_backend, mode, 12, 5, 70, 48, 2, True, True, np.float64,
+                    np.array([12, 7, 12, 1, 9]), False, False, 3)
+    args = (mode, "cross_entropy", "all", fr.Adam(0.01), fr.ClipNorm(1.0), None,
+            np.float64, False, True)
+    ra, pa, *_ = _train("numpy", *args, steps=1)
+    rb, pb, *_ = _train(fast_backend, *args, steps=1)
+    assert_close(rb[0].loss, ra[0].loss, np.float64, "loss")
+    for k in pa:
+        assert_close(pb[k], pa[k], np.float64, k)

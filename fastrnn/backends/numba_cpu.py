@@ -26,14 +26,16 @@ Shapes inside the kernels:
 """
 import math
 
+import numba
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 name = "numba"
 
 # ---- cfg header indices ----------------------------------------------------
 C_T, C_B, C_I, C_H, C_L, C_D, C_MODE, C_BIAS, C_TOK, C_O, C_READOUT, C_LOSS, \
-    C_OPT, C_CLIP, C_SCLIP, C_STEP, C_FAST, C_SMALL, C_WOUT, C_BOUT = range(20)
+    C_OPT, C_CLIP, C_SCLIP, C_STEP, C_FAST, C_SMALL, C_WOUT, C_BOUT, C_NC, \
+    C_NCG, C_PAR = range(23)
 C_POFF = 32            # poff (L*D, 4) flattened from here
 # ---- fcfg indices ----------------------------------------------------------
 F_LR, F_MOM, F_B1, F_B2, F_EPS, F_LIMIT, F_SCLIP = range(7)
@@ -55,7 +57,7 @@ def available():
 # workspace
 # ============================================================================
 @njit(cache=True)
-def _sections(T, B, I, H, L, D, G, O, lstm, tok):
+def _sections(T, B, I, H, L, D, G, O, lstm, tok, ncg):
     """Sizes (in elements) of the workspace sections, in order."""
     W = max(I, D * H)
     s = np.zeros(17, dtype=np.int64)
@@ -68,7 +70,7 @@ def _sections(T, B, I, H, L, D, G, O, lstm, tok):
     s[6] = T * B * W                          # DA: d layer output
     s[7] = T * B * W                          # DB: d layer input
     s[8] = T * B * W                          # TMP: product scratch
-    s[9] = 3 * B * G * H                      # STMP: per-step scratch
+    s[9] = (ncg - 1) * max(G * H * max(H, I, D * H), O * D * H)  # PART: partial products
     s[10] = 2 * B * H                         # DH: dh, dc carried back
     s[11] = I * G * H * tok                   # WT: W_ih transposed, token ids
     s[12] = I * G * H * tok                   # DWT: token-gradient rows
@@ -87,8 +89,8 @@ def _section(ws, sizes, j):
     return ws[off:off + sizes[j]]
 
 
-def workspace_size(T, B, I, H, L, D, G, O, lstm, tok):
-    return int(_sections(T, B, I, H, L, D, G, O, lstm, tok).sum())
+def workspace_size(T, B, I, H, L, D, G, O, lstm, tok, ncg):
+    return int(_sections(T, B, I, H, L, D, G, O, lstm, tok, ncg).sum())
 
 
 # ============================================================================
@@ -206,21 +208,13 @@ def _dact_mul_row(mode, h, dh, out):
 @njit(cache=True, fastmath={"contract", "reassoc", "nsz"})
 def _addmm_nt(A, W, C, tmp, small):
     """C += A @ W.T, A: (M, K), W: (N, K) row-major (W_hh as stored: no
-    transpose), C: (M, N). Explicit loops (a vectorised dot product per
-    output) when M*K*N <= small, BLAS otherwise."""
+    transpose), C: (M, N). When M*K*N <= small: explicit loops, a vectorised
+    dot product per output with 4 rows of A sharing each row of W (register
+    blocking: ~60 GFLOP/s on one AVX2 core, more than OpenBLAS at these
+    shapes); BLAS otherwise."""
     M, K = A.shape
     N = W.shape[0]
-    if M * K * N <= small:
-        for m in range(M):
-            a = A[m]
-            c = C[m]
-            for n in range(N):
-                w = W[n]
-                acc = c[n]
-                for k in range(K):
-                    acc += a[k] * w[k]
-                c[n] = acc
-    else:
+    if M * K * N > small:
         t = tmp[:M * N].reshape((M, N))
         np.dot(A, W.T, t)
         for m in range(M):
@@ -228,26 +222,157 @@ def _addmm_nt(A, W, C, tmp, small):
             tr = t[m]
             for n in range(N):
                 c[n] += tr[n]
+        return
+    m = 0
+    while m + 4 <= M:
+        a0 = A[m]
+        a1 = A[m + 1]
+        a2 = A[m + 2]
+        a3 = A[m + 3]
+        for n in range(N):
+            w = W[n]
+            s0 = C[m, n]
+            s1 = C[m + 1, n]
+            s2 = C[m + 2, n]
+            s3 = C[m + 3, n]
+            for k in range(K):
+                wk = w[k]
+                s0 += a0[k] * wk
+                s1 += a1[k] * wk
+                s2 += a2[k] * wk
+                s3 += a3[k] * wk
+            C[m, n] = s0
+            C[m + 1, n] = s1
+            C[m + 2, n] = s2
+            C[m + 3, n] = s3
+        m += 4
+    while m < M:
+        a = A[m]
+        c = C[m]
+        for n in range(N):
+            w = W[n]
+            acc = c[n]
+            for k in range(K):
+                acc += a[k] * w[k]
+            c[n] = acc
+        m += 1
 
 
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, fastmath={"contract", "reassoc", "nsz"})
 def _mm(A, Bm, C, small):
     """C = A @ Bm, A: (M, K), Bm: (K, N) row-major, C: (M, N) contiguous.
-    Explicit loops when M*K*N <= small, BLAS straight into C otherwise."""
+    Explicit loops (4 rows of C share each row of Bm) when M*K*N <= small,
+    BLAS straight into C otherwise."""
     M, K = A.shape
     N = Bm.shape[1]
-    if M * K * N <= small:
-        for m in range(M):
-            c = C[m]
-            for n in range(N):
-                c[n] = 0
-            for k in range(K):
-                a = A[m, k]
-                b = Bm[k]
-                for n in range(N):
-                    c[n] += a * b[n]
-    else:
+    if M * K * N > small:
         np.dot(A, Bm, C)
+        return
+    C[:] = 0
+    m = 0
+    while m + 4 <= M:
+        c0 = C[m]
+        c1 = C[m + 1]
+        c2 = C[m + 2]
+        c3 = C[m + 3]
+        for k in range(K):
+            b = Bm[k]
+            x0 = A[m, k]
+            x1 = A[m + 1, k]
+            x2 = A[m + 2, k]
+            x3 = A[m + 3, k]
+            for n in range(N):
+                bn = b[n]
+                c0[n] += x0 * bn
+                c1[n] += x1 * bn
+                c2[n] += x2 * bn
+                c3[n] += x3 * bn
+        m += 4
+    while m < M:
+        c = C[m]
+        for k in range(K):
+            x = A[m, k]
+            b = Bm[k]
+            for n in range(N):
+                c[n] += x * b[n]
+        m += 1
+
+
+# ---- one-off products split over the cores ---------------------------------
+# BLAS is pinned to one thread while our kernels run (see _blas_one_thread):
+# its own worker threads would compete with numba's for the same two cores.
+# Products below PAR_MACS multiply-adds are not worth a parallel region.
+PAR_MACS = 1 << 20
+
+
+@njit(cache=True, parallel=True)
+def _pmm(A, Bm, C, nc, par):
+    """C = A @ Bm (Bm may be a transposed view), rows of A and C split over
+    nc cores when the product has at least `par` multiply-adds."""
+    M = A.shape[0]
+    if nc == 1 or M * A.shape[1] * C.shape[1] < par or M < nc:
+        np.dot(A, Bm, C)
+        return
+    for c in prange(nc):
+        r0 = c * M // nc
+        r1 = (c + 1) * M // nc
+        np.dot(A[r0:r1], Bm, C[r0:r1])
+
+
+@njit(cache=True, parallel=True)
+def _pmm_acc(A, Bm, C, tmp, nc, par):
+    """C += A @ Bm, rows split over nc cores (at >= par multiply-adds); tmp:
+    scratch of C's size."""
+    M, N = C.shape
+    t = tmp[:M * N].reshape((M, N))
+    if nc == 1 or M * A.shape[1] * N < par or M < nc:
+        nc = 1
+    for c in prange(nc):
+        r0 = c * M // nc
+        r1 = (c + 1) * M // nc
+        np.dot(A[r0:r1], Bm, t[r0:r1])
+        for r in range(r0, r1):
+            cr = C[r]
+            tr = t[r]
+            for j in range(N):
+                cr[j] += tr[j]
+
+
+@njit(cache=True, parallel=True)
+def _pmm_tn(A, Bm, C, part, nc, par):
+    """C = A.T @ Bm for A: (R, m), Bm: (R, n): the sum over the R rows split
+    into nc partial products (part: scratch of (nc-1)*m*n), then added;
+    when the product has at least `par` multiply-adds."""
+    R, m = A.shape
+    n = Bm.shape[1]
+    if nc == 1 or R * m * n < par or R < nc:
+        np.dot(A.T, Bm, C)
+        return
+    P = part[:(nc - 1) * m * n].reshape((nc - 1, m, n))
+    for c in prange(nc):
+        r0 = c * R // nc
+        r1 = (c + 1) * R // nc
+        if c == 0:
+            np.dot(A[r0:r1].T, Bm[r0:r1], C)
+        else:
+            np.dot(A[r0:r1].T, Bm[r0:r1], P[c - 1])
+    for c in range(nc - 1):
+        Pc = P[c]
+        for i in range(m):
+            ci = C[i]
+            pi = Pc[i]
+            for j in range(n):
+                ci[j] += pi[j]
+
+
+@njit(cache=True)
+def _colsum(A, out):
+    """out = A.sum(axis=0) (row by row: vectorised over columns)."""
+    out[:] = 0
+    for r in range(A.shape[0]):
+        a = A[r]
+        for j in range(out.shape[0]):
+            out[j] += a[j]
 
 
 @njit(cache=True)
@@ -262,7 +387,7 @@ def _transpose_into(W, dst):
 
 
 @njit(cache=True)
-def _project(x, tok, W_ih, b_ih, b_hh, bias, dst, wt):
+def _project(x, tok, W_ih, b_ih, b_hh, bias, dst, wt, nc, par):
     """dst (T*B, G*H) = x @ W_ih.T + b_ih + b_hh; token ids gather rows of W_ih.T."""
     GH = W_ih.shape[0]
     if tok.shape[0] > 0:
@@ -273,7 +398,7 @@ def _project(x, tok, W_ih, b_ih, b_hh, bias, dst, wt):
             for j in range(GH):
                 d[j] = src[j]
     else:
-        np.dot(x, W_ih.T, dst)
+        _pmm(x, W_ih.T, dst, nc, par)
     if bias:
         for r in range(dst.shape[0]):
             d = dst[r]
@@ -285,28 +410,29 @@ def _project(x, tok, W_ih, b_ih, b_hh, bias, dst, wt):
 # one direction of one layer: forward and backward side by side
 # ============================================================================
 @njit(cache=True)
-def _rnn_dir_forward(mode, fast, small, rev, x, tok, lengths, W_ih, W_hh,
-                     b_ih, b_hh, bias, h0, HX, lout, col, wt, stmp, co, fscr,
-                     ibuf):
-    """Elman RNN over the sequence, one direction.
+def _rnn_recur(mode, fast, small, rev, lengths, W_hh, HX, lout, col, co,
+               r0, r1):
+    """Elman RNN recurrence of one direction for batch rows [r0, r1).
 
-    HX: (T+2, B, H) receives the states; lout: (T, B, D*H) the layer output,
-    columns [col, col+H). Padding steps keep the state and output zeros.
-    The activation runs once per step over the whole (B, H) block.
-    """
+    HX: (T+2, B, H) holds the input projection (+ biases) at HX[t+1] on
+    entry and the states on exit (h0 already at HX[0] / HX[T+1] for the
+    reverse direction); lout: (T, B, D*H) layer output, columns [col, col+H).
+    Padding steps keep the state and output zeros. The activation runs once
+    per step over the chunk's whole (rows, H) block."""
     T = HX.shape[0] - 2
-    B, H = h0.shape
-    P = HX[1:T + 1].reshape((T * B, H))
-    _project(x, tok, W_ih, b_ih, b_hh, bias, P, wt)
-    hpos0 = T + 1 if rev else 0
-    HX[hpos0] = h0
+    H = HX.shape[2]
+    n = r1 - r0
+    tmp = np.empty(n * H, dtype=HX.dtype)
+    fscr = np.empty(n * H, dtype=HX.dtype)
+    ibuf = np.empty(n * H, dtype=np.int32)
     for s in range(T):
         t = T - 1 - s if rev else s
         tp = t + 2 if rev else t
-        _addmm_nt(HX[tp], W_hh, HX[t + 1], stmp, small)
-        A = HX[t + 1].reshape(B * H)
+        C = HX[t + 1, r0:r1]
+        _addmm_nt(HX[tp, r0:r1], W_hh, C, tmp, small)
+        A = C.reshape(n * H)
         _act_block(fast, mode == 1, A, A, co, fscr, ibuf)
-        for b in range(B):
+        for b in range(r0, r1):
             row = HX[t + 1, b]
             o = lout[t, b, col:col + H]
             if t < lengths[b]:
@@ -320,16 +446,18 @@ def _rnn_dir_forward(mode, fast, small, rev, x, tok, lengths, W_ih, W_hh,
 
 
 @njit(cache=True)
-def _rnn_dir_backward(mode, small, rev, lengths, W_hh, HX, dlout, col,
-                      dh, DELTA, stmp, sclip, use_sclip, flow, want_flow):
-    """BPTT for one direction. dh (B, H) holds dL/dh_T on entry and dL/dh0 on
-    exit; DELTA (T, B, H) receives dL/da_t. dlout: (T, B, D*H) gradient of the
-    layer output (columns [col, col+H) are this direction's)."""
+def _rnn_back_recur(mode, small, rev, lengths, W_hh, HX, dlout, col, dh,
+                    DELTA, sclip, use_sclip, flow, r0, r1):
+    """BPTT of one direction for batch rows [r0, r1). dh (B, H) holds dL/dh_T
+    on entry and dL/dh0 on exit; DELTA (T, B, H) receives dL/da_t. dlout:
+    (T, B, D*H) gradient of the layer output (columns [col, col+H)); flow
+    (T,) accumulates the squared norm of dL/dh_t of valid rows."""
     T = HX.shape[0] - 2
-    B, H = dh.shape
+    H = dh.shape[1]
+    nxt = np.empty((r1 - r0, H), dtype=dh.dtype)
     for s in range(T):
         t = s if rev else T - 1 - s
-        for b in range(B):
+        for b in range(r0, r1):
             dl = DELTA[t, b]
             if t < lengths[b]:
                 d = dh[b]
@@ -339,45 +467,44 @@ def _rnn_dir_backward(mode, small, rev, lengths, W_hh, HX, dlout, col,
                 if use_sclip:
                     for j in range(H):
                         d[j] = min(max(d[j], -sclip), sclip)
-                if want_flow:
-                    acc = 0.0
-                    for j in range(H):
-                        acc += np.float64(d[j]) * d[j]
-                    flow[t] += acc
+                acc = 0.0
+                for j in range(H):
+                    acc += np.float64(d[j]) * d[j]
+                flow[t] += acc
                 _dact_mul_row(mode, HX[t + 1, b], d, dl)
             else:
                 for j in range(H):
                     dl[j] = 0
         # dh_{t-1} = delta_t @ W_hh for valid rows; padding rows pass through
-        nxt = stmp[:B * H].reshape((B, H))
-        _mm(DELTA[t], W_hh, nxt, small)
-        for b in range(B):
+        _mm(DELTA[t, r0:r1], W_hh, nxt, small)
+        for b in range(r0, r1):
             if t < lengths[b]:
-                dh[b] = nxt[b]
+                dh[b] = nxt[b - r0]
 
 
 @njit(cache=True)
-def _lstm_dir_forward(fast, small, rev, x, tok, lengths, W_ih, W_hh, b_ih,
-                      b_hh, bias, h0, c0, GATES, HX, CX, TC, lout, col, wt,
-                      stmp, co, cot, fscr, ibuf):
-    """LSTM over the sequence, one direction, gates in PyTorch's order
-    (i, f, g, o). GATES: (T, B, 4H) receives the gate activations, HX/CX:
-    (T+2, B, H) the states, TC: (T, B, H) tanh(c_t). Activations run once
-    per step over whole blocks (co: gate coefficients, cot: tanh)."""
+def _lstm_recur(fast, small, rev, lengths, W_hh, GATES, HX, CX, TC, lout,
+                col, co, cot, r0, r1):
+    """LSTM recurrence of one direction for batch rows [r0, r1), gates in
+    PyTorch's order (i, f, g, o). GATES: (T, B, 4H) holds the input
+    projection (+ biases) on entry and the gate activations on exit; HX/CX:
+    (T+2, B, H) the states (h0, c0 already in place), TC: (T, B, H) tanh(c_t).
+    Activations run once per step over whole blocks (co: gate coefficients,
+    cot: tanh)."""
     T = HX.shape[0] - 2
-    B, H = h0.shape
-    P = GATES.reshape((T * B, 4 * H))
-    _project(x, tok, W_ih, b_ih, b_hh, bias, P, wt)
-    hpos0 = T + 1 if rev else 0
-    HX[hpos0] = h0
-    CX[hpos0] = c0
+    H = HX.shape[2]
+    n = r1 - r0
+    tmp = np.empty(n * 4 * H, dtype=HX.dtype)
+    fscr = np.empty(n * 4 * H, dtype=HX.dtype)
+    ibuf = np.empty(n * 4 * H, dtype=np.int32)
     for s in range(T):
         t = T - 1 - s if rev else s
         tp = t + 2 if rev else t
-        _addmm_nt(HX[tp], W_hh, GATES[t], stmp, small)
-        A = GATES[t].reshape(B * 4 * H)
+        Gt = GATES[t, r0:r1]
+        _addmm_nt(HX[tp, r0:r1], W_hh, Gt, tmp, small)
+        A = Gt.reshape(n * 4 * H)
         _act_block(fast, False, A, A, co, fscr, ibuf)
-        for b in range(B):
+        for b in range(r0, r1):
             a = GATES[t, b]
             ig = a[0:H]
             fg = a[H:2 * H]
@@ -386,9 +513,9 @@ def _lstm_dir_forward(fast, small, rev, x, tok, lengths, W_ih, W_hh, b_ih,
             c = CX[t + 1, b]
             for j in range(H):
                 c[j] = fg[j] * cp[j] + ig[j] * gg[j]
-        _act_block(fast, False, CX[t + 1].reshape(B * H), TC[t].reshape(B * H),
-                   cot, fscr, ibuf)
-        for b in range(B):
+        _act_block(fast, False, CX[t + 1, r0:r1].reshape(n * H),
+                   TC[t, r0:r1].reshape(n * H), cot, fscr, ibuf)
+        for b in range(r0, r1):
             h = HX[t + 1, b]
             o_ = lout[t, b, col:col + H]
             if t < lengths[b]:
@@ -408,17 +535,18 @@ def _lstm_dir_forward(fast, small, rev, x, tok, lengths, W_ih, W_hh, b_ih,
 
 
 @njit(cache=True)
-def _lstm_dir_backward(small, rev, lengths, W_hh, GATES, CX, TC, dlout, col,
-                       dh, dc, DELTA, stmp, sclip, use_sclip, flow, want_flow):
-    """BPTT for one LSTM direction. dh, dc (B, H) hold dL/dh_T, dL/dc_T on
-    entry and dL/dh0, dL/dc0 on exit; DELTA (T, B, 4H) receives dL/d(gate
-    pre-activations). Only dh is state-clipped, never dc."""
+def _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout, col,
+                     dh, dc, DELTA, sclip, use_sclip, flow, r0, r1):
+    """BPTT of one LSTM direction for batch rows [r0, r1). dh, dc (B, H) hold
+    dL/dh_T, dL/dc_T on entry and dL/dh0, dL/dc0 on exit; DELTA (T, B, 4H)
+    receives dL/d(gate pre-activations). Only dh is state-clipped, never dc."""
     T = CX.shape[0] - 2
-    B, H = dh.shape
+    H = dh.shape[1]
+    nxt = np.empty((r1 - r0, H), dtype=dh.dtype)
     for s in range(T):
         t = s if rev else T - 1 - s
         tp = t + 2 if rev else t
-        for b in range(B):
+        for b in range(r0, r1):
             dl = DELTA[t, b]
             if t < lengths[b]:
                 d = dh[b]
@@ -428,11 +556,10 @@ def _lstm_dir_backward(small, rev, lengths, W_hh, GATES, CX, TC, dlout, col,
                 if use_sclip:
                     for j in range(H):
                         d[j] = min(max(d[j], -sclip), sclip)
-                if want_flow:
-                    acc = 0.0
-                    for j in range(H):
-                        acc += np.float64(d[j]) * d[j]
-                    flow[t] += acc
+                acc = 0.0
+                for j in range(H):
+                    acc += np.float64(d[j]) * d[j]
+                flow[t] += acc
                 a = GATES[t, b]
                 ig = a[0:H]
                 fg = a[H:2 * H]
@@ -455,23 +582,58 @@ def _lstm_dir_backward(small, rev, lengths, W_hh, GATES, CX, TC, dlout, col,
             else:
                 for j in range(4 * H):
                     dl[j] = 0
-        nxt = stmp[:B * H].reshape((B, H))
-        _mm(DELTA[t], W_hh, nxt, small)
-        for b in range(B):
+        _mm(DELTA[t, r0:r1], W_hh, nxt, small)
+        for b in range(r0, r1):
             if t < lengths[b]:
-                dh[b] = nxt[b]
+                dh[b] = nxt[b - r0]
+
+
+# ---- the recurrences, batch rows split into chunks run on separate cores ---
+# Batch rows are independent in the recurrence, so each core runs the whole
+# time loop for its rows: no synchronisation per step. Inside a chunk the
+# per-step product uses the register-blocked loops (no BLAS threads compete).
+@njit(cache=True, parallel=True)
+def _forward_chunks(lstm, mode, fast, small, nc, rev, lengths, W_hh, GATES,
+                    HX, CX, TC, lout, col, co, cot):
+    B = HX.shape[1]
+    for c in prange(nc):
+        r0 = c * B // nc
+        r1 = (c + 1) * B // nc
+        if lstm:
+            _lstm_recur(fast, small, rev, lengths, W_hh, GATES, HX, CX, TC,
+                        lout, col, co, cot, r0, r1)
+        else:
+            _rnn_recur(mode, fast, small, rev, lengths, W_hh, HX, lout, col,
+                       co, r0, r1)
+
+
+@njit(cache=True, parallel=True)
+def _backward_chunks(lstm, mode, small, nc, rev, lengths, W_hh, GATES, HX, CX,
+                     TC, dlout, col, dh, dc, DELTA, sclip, use_sclip, flowc):
+    B = HX.shape[1]
+    for c in prange(nc):
+        r0 = c * B // nc
+        r1 = (c + 1) * B // nc
+        if lstm:
+            _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout,
+                             col, dh, dc, DELTA, sclip, use_sclip, flowc[c],
+                             r0, r1)
+        else:
+            _rnn_back_recur(mode, small, rev, lengths, W_hh, HX, dlout, col, dh,
+                            DELTA, sclip, use_sclip, flowc[c], r0, r1)
 
 
 @njit(cache=True)
 def _dir_param_grads(x, tok, rev, HX, DELTA, gW_ih, gW_hh, gb_ih, gb_hh,
-                     bias, dwt):
-    """dW_ih, dW_hh as one product each over all stored deltas; db by sum."""
+                     bias, dwt, part, nc, par):
+    """dW_ih, dW_hh as one product each over all stored deltas (split over
+    the cores as partial sums); db by column sums."""
     T = HX.shape[0] - 2
     B, H = HX.shape[1], HX.shape[2]
     GH = DELTA.shape[2]
     Dl = DELTA.reshape((T * B, GH))
     hprev = HX[2:T + 2] if rev else HX[0:T]
-    np.dot(Dl.T, hprev.reshape((T * B, H)), gW_hh)
+    _pmm_tn(Dl, hprev.reshape((T * B, H)), gW_hh, part, nc, par)
     if tok.shape[0] > 0:
         I = gW_ih.shape[1]
         dw = dwt[:I * GH].reshape((I, GH))
@@ -485,13 +647,9 @@ def _dir_param_grads(x, tok, rev, HX, DELTA, gW_ih, gW_hh, gb_ih, gb_hh,
             for i in range(I):
                 gW_ih[j, i] = dw[i, j]
     else:
-        np.dot(Dl.T, x, gW_ih)
+        _pmm_tn(Dl, x, gW_ih, part, nc, par)
     if bias:
-        gb_ih[:] = 0
-        for r in range(T * B):
-            dr = Dl[r]
-            for j in range(GH):
-                gb_ih[j] += dr[j]
+        _colsum(Dl, gb_ih)
         gb_hh[:] = gb_ih
 
 
@@ -519,11 +677,13 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
     TCall = _section(ws, sz, 3).reshape((nl, T, B, H))
     LOUT = _section(ws, sz, 4).reshape((L, T, B, D * H))
     wt = _section(ws, sz, 11)
-    stmp = _section(ws, sz, 9)
-    ibuf = np.empty(B * G * H, dtype=np.int32)  # activation scratch
-    fscr = np.empty(B * G * H, dtype=flat.dtype)
     co = _act_coefs(mode, B, H, G, flat.dtype)
     cot = _act_coefs(0, B, H, 1, flat.dtype)
+    nc = cfg[C_NC]
+    ncg = cfg[C_NCG]
+    # chunked recurrences use the register-blocked loops only
+    small_eff = small if nc == 1 else np.int64(1) << 62
+    lstm = mode == LSTM
     GH = G * H
     for k in range(L):
         Ik = I if k == 0 else D * H
@@ -545,17 +705,19 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
                 b_ih = flat[:0]
                 b_hh = flat[:0]
             HX = HXall[kd]
-            if mode == LSTM:
-                _lstm_dir_forward(fast, small, d == 1, xin, tk, lengths, W_ih,
-                                  W_hh, b_ih, b_hh, bias, state0[0, kd],
-                                  state0[1, kd], GATESall[kd], HX, CXall[kd],
-                                  TCall[kd], LOUT[k], d * H, wt, stmp, co,
-                                  cot, fscr, ibuf)
-            else:
-                _rnn_dir_forward(mode, fast, small, d == 1, xin, tk, lengths,
-                                 W_ih, W_hh, b_ih, b_hh, bias, state0[0, kd],
-                                 HX, LOUT[k], d * H, wt, stmp, co, fscr,
-                                 ibuf)
+            # the RNN has no gate/cell buffers: pass HX in their place
+            GATES = GATESall[kd] if lstm else HX
+            CX = CXall[kd] if lstm else HX
+            TC = TCall[kd] if lstm else HX
+            P = GATES.reshape((T * B, GH)) if lstm else HX[1:T + 1].reshape((T * B, H))
+            # input projection for all T*B rows: one product before the loop
+            _project(xin, tk, W_ih, b_ih, b_hh, bias, P, wt, ncg, cfg[C_PAR])
+            hpos0 = T + 1 if d == 1 else 0
+            HX[hpos0] = state0[0, kd]
+            if lstm:
+                CX[hpos0] = state0[1, kd]
+            _forward_chunks(lstm, mode, fast, small_eff, nc, d == 1, lengths,
+                            W_hh, GATES, HX, CX, TC, LOUT[k], d * H, co, cot)
             hpos = 1 if d == 1 else T
             # final state: for the forward direction the state at lengths-1
             # (padding steps carried it to HX[T]); reverse: the state after t=0
@@ -591,9 +753,14 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
     DA = _section(ws, sz, 6)
     DB = _section(ws, sz, 7)
     TMP = _section(ws, sz, 8)
-    stmp = _section(ws, sz, 9)
     DH = _section(ws, sz, 10).reshape((2, B, H))
     dwt = _section(ws, sz, 12)
+    PART = _section(ws, sz, 9)
+    nc = cfg[C_NC]
+    ncg = cfg[C_NCG]
+    small_eff = small if nc == 1 else np.int64(1) << 62
+    lstm = mode == LSTM
+    flowc = np.zeros((nc, T), dtype=np.float64)
     flow[:] = 0
     dl = dtop
     for k in range(L - 1, -1, -1):
@@ -621,35 +788,33 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
                 gb_hh = grad[:0]
             dh = DH[0]
             dh[:] = dstate_n[0, kd]
-            if mode == LSTM:
-                dc = DH[1]
+            dc = DH[1]
+            if lstm:
                 dc[:] = dstate_n[1, kd]
-                _lstm_dir_backward(small, d == 1, lengths, W_hh, GATESall[kd],
-                                   CXall[kd], TCall[kd], dl, d * H, dh, dc,
-                                   DELTA, stmp, sclip, use_sclip, flow,
-                                   k == L - 1)
+            HX = HXall[kd]
+            flowc[:] = 0
+            _backward_chunks(lstm, mode, small_eff, nc, d == 1, lengths, W_hh,
+                             GATESall[kd] if lstm else HX, HX,
+                             CXall[kd] if lstm else HX,
+                             TCall[kd] if lstm else HX, dl, d * H, dh, dc,
+                             DELTA, sclip, use_sclip, flowc)
+            if k == L - 1:
+                for c in range(nc):
+                    for t in range(T):
+                        flow[t] += flowc[c, t]
+            if lstm:
                 dstate0[1, kd] = dc
-            else:
-                _rnn_dir_backward(mode, small, d == 1, lengths, W_hh,
-                                  HXall[kd], dl, d * H, dh, DELTA, stmp, sclip,
-                                  use_sclip, flow, k == L - 1)
             dstate0[0, kd] = dh
             _dir_param_grads(xin, tk, d == 1, HXall[kd], DELTA, gW_ih, gW_hh,
-                             gb_ih, gb_hh, bias, dwt)
+                             gb_ih, gb_hh, bias, dwt, PART, ncg, cfg[C_PAR])
             # gradient of this layer's input (not for token ids, nor when the
             # caller passes an empty dx: training needs no input gradient)
             if not (k == 0 and (has_tok or dx.shape[0] == 0)):
                 Dl = DELTA.reshape((T * B, GH))
                 if d == 0:
-                    np.dot(Dl, W_ih, din)
+                    _pmm(Dl, W_ih, din, ncg, cfg[C_PAR])
                 else:
-                    t2 = TMP[:T * B * Ik].reshape((T * B, Ik))
-                    np.dot(Dl, W_ih, t2)
-                    for r in range(T * B):
-                        dr = din[r]
-                        tr = t2[r]
-                        for j in range(Ik):
-                            dr[j] += tr[j]
+                    _pmm_acc(Dl, W_ih, din, TMP, ncg, cfg[C_PAR])
         if k > 0:
             dl = din.reshape((T, B, Ik))
     for t in range(T):
@@ -659,78 +824,6 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
 # ============================================================================
 # read-out, loss, clipping, optimizer: the fused training step
 # ============================================================================
-@njit(cache=True)
-def _ce_block_fast(Z, yi, lengths, B, inv_b, dZ, ES, ibuf):
-    """Cross-entropy over all read-out rows r = t*B + b at once (float32):
-    the exponentials of the whole block in one vectorised pass. Returns the
-    summed loss of the valid rows; dZ = (softmax - onehot) / B, 0 at padding."""
-    R, O = Z.shape
-    E = ES[:R * O]
-    mrow = np.empty(R, dtype=np.float64)
-    for r in range(R):
-        z = Z[r]
-        m = z[0]
-        for o in range(1, O):
-            if z[o] > m:
-                m = z[o]
-        mrow[r] = m
-        for o in range(O):
-            u = z[o] - m
-            E[r * O + o] = np.float32(-87.0) if u < -87 else u
-    dflat = dZ.reshape(R * O)
-    _expm1_f32_row(E, dflat, ibuf)
-    loss = 0.0
-    for r in range(R):
-        d = dZ[r]
-        if r // B < lengths[r % B]:
-            acc = 0.0
-            for o in range(O):
-                d[o] += 1
-                acc += d[o]
-            y = yi[min(r, yi.shape[0] - 1)]
-            loss += mrow[r] + math.log(acc) - np.float64(Z[r, y])
-            sc = inv_b / acc
-            for o in range(O):
-                d[o] = d[o] * sc
-            d[y] -= inv_b
-        else:
-            for o in range(O):
-                d[o] = 0
-    return loss
-
-
-@njit(cache=True)
-def readout_forward_kernel(cfg, flat, lengths, top, ws, z):
-    """z: (T*B, O) for readout 'all' (zero at padding steps) or (B, O) for
-    'last'. Also leaves HLAST in the workspace."""
-    T, B, H, D, O = cfg[C_T], cfg[C_B], cfg[C_H], cfg[C_D], cfg[C_O]
-    DH = D * H
-    W = _mat(flat, cfg[C_WOUT], O, DH)
-    bout = flat[cfg[C_BOUT]:cfg[C_BOUT] + O]
-    if cfg[C_READOUT] == 1:
-        G = 4 if cfg[C_MODE] == LSTM else 1
-        sz = _sections(T, B, cfg[C_I], H, cfg[C_L], D, G, O,
-                       1 if cfg[C_MODE] == LSTM else 0, 0)
-        hl = _section(ws, sz, 15).reshape((B, DH))
-        for b in range(B):
-            hl[b] = top[lengths[b] - 1, b]
-        np.dot(hl, W.T, z)
-        for b in range(B):
-            for o in range(O):
-                z[b, o] += bout[o]
-    else:
-        np.dot(top.reshape((T * B, DH)), W.T, z)
-        for t in range(T):
-            for b in range(B):
-                r = z[t * B + b]
-                if t < lengths[b]:
-                    for o in range(O):
-                        r[o] += bout[o]
-                else:
-                    for o in range(O):
-                        r[o] = 0
-
-
 @njit(cache=True)
 def _loss_row(loss_kind, z, yi, yf, inv_b, dz):
     """Loss of one read-out row (float64) and its gradient dz (already / B).
@@ -819,7 +912,7 @@ def readout_forward_kernel(cfg, flat, lengths, top, ws):
                 z[b, o] += bout[o]
         return z
     z = _section(ws, sz, 13).reshape((T * B, O))
-    np.dot(top.reshape((T * B, DH)), W.T, z)
+    _pmm(top.reshape((T * B, DH)), W.T, z, cfg[C_NCG], cfg[C_PAR])
     for t in range(T):
         for b in range(B):
             r = z[t * B + b]
@@ -838,7 +931,7 @@ def _sections_of(cfg):
     G = 4 if mode == LSTM else 1
     return _sections(cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H], cfg[C_L],
                      cfg[C_D], G, cfg[C_O], 1 if mode == LSTM else 0,
-                     cfg[C_TOK])
+                     cfg[C_TOK], cfg[C_NCG])
 
 
 @njit(cache=True)
@@ -888,8 +981,9 @@ def loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf, grad, dtop):
                                           yf[min(r, nf)], inv_b, dz[r])
                     else:
                         dz[r] = 0
-        np.dot(dz.T, top.reshape((T * B, DH)), gW)
-        np.dot(dz, W, dtop.reshape((T * B, DH)))
+        _pmm_tn(dz, top.reshape((T * B, DH)), gW, _section(ws, sz, 9),
+                cfg[C_NCG], cfg[C_PAR])
+        _pmm(dz, W, dtop.reshape((T * B, DH)), cfg[C_NCG], cfg[C_PAR])
     gb[:] = 0
     for r in range(dz.shape[0]):
         for o in range(O):
@@ -1012,6 +1106,52 @@ _CLIPS = {None: 0, "norm": 1, "value": 2}
 _MODES = {"tanh": 0, "relu": 1, "sigmoid": 2, "lstm": 3}
 
 
+class _BlasThreads:
+    """Pins the BLAS that numba's np.dot calls (scipy's OpenBLAS) to one
+    thread for the duration of a kernel call, then restores the caller's
+    setting. If that library cannot be found, can_pin is False and the
+    kernels do not split work over cores themselves."""
+
+    def __init__(self):
+        self.can_pin = False
+        self._get = self._set = None
+        try:
+            import ctypes
+            import glob
+            import os
+
+            import scipy
+            libdir = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)),
+                                  "scipy.libs")
+            for path in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*"))):
+                if "64_" in os.path.basename(path):
+                    continue          # numpy's ILP64 build is not the one numba calls
+                lib = ctypes.CDLL(path)
+                self._get = lib.scipy_openblas_get_num_threads
+                self._set = lib.scipy_openblas_set_num_threads
+                self._get.restype = ctypes.c_int
+                self._set.argtypes = [ctypes.c_int]
+                self.can_pin = True
+                break
+        except Exception:
+            self.can_pin = False
+
+    def __enter__(self):
+        if self.can_pin:
+            self._saved = self._get()
+            if self._saved != 1:
+                self._set(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.can_pin and self._saved != 1:
+            self._set(self._saved)
+        return False
+
+
+_BLAS = _BlasThreads()
+
+
 class _Ctx:
     """Per-caller state kept between calls: the workspace and the cfg array
     for the last shape, so a steady training loop allocates nothing."""
@@ -1031,7 +1171,7 @@ def _ctx(ctx):
 
 
 def _prepare(c, spec, flat, T, B, tok):
-    key = (spec, T, B, tok, flat.dtype)
+    key = (spec, T, B, tok, flat.dtype, numba.get_num_threads(), PAR_MACS)
     if c.key == key:
         return
     from .._spec import param_offsets, out_offsets
@@ -1044,11 +1184,19 @@ def _prepare(c, spec, flat, T, B, tok):
     cfg[C_LOSS] = 1 if spec.loss == "mse" else 0
     cfg[C_FAST] = int(flat.dtype == np.float32)
     cfg[C_SMALL] = SMALL_MACS
+    # Work split over the cores: batch rows for the recurrences (rows are
+    # independent), rows or partial sums for the one-off products. Only when
+    # BLAS can be pinned to one thread during our calls; otherwise BLAS keeps
+    # its own threads and the kernels run on one core (no oversubscription).
+    ncg = numba.get_num_threads() if _BLAS.can_pin else 1
+    cfg[C_NCG] = ncg
+    cfg[C_NC] = max(1, min(ncg, B))
+    cfg[C_PAR] = PAR_MACS
     cfg[C_WOUT], cfg[C_BOUT] = out_offsets(spec)
     cfg[C_POFF:] = poff.ravel()
     G = 4 if spec.mode == "lstm" else 1
     n = workspace_size(T, B, spec.I, spec.H, spec.L, spec.D, G, spec.O,
-                       int(spec.mode == "lstm"), int(tok))
+                       int(spec.mode == "lstm"), int(tok), ncg)
     c.cfg = cfg
     c.ws = np.zeros(n, dtype=flat.dtype)
     c.grad = np.zeros_like(flat)
@@ -1082,8 +1230,9 @@ def core_forward(spec, flat, x, lengths, state0, ctx=None):
     _prepare(c, spec, flat, T, B, is_tok)
     state_n = np.empty_like(c.state_n)
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-    top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
-                              state_n)
+    with _BLAS:
+        top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
+                                  state_n)
     return top.copy(), state_n, (c, x2, tok, lengths, T, B, state_n.shape)
 
 
@@ -1098,9 +1247,10 @@ def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None,
     flow = np.empty(T, dtype=np.float64)
     dout = np.ascontiguousarray(dout, dtype=flat.dtype)
     dstate_n = np.ascontiguousarray(dstate_n, dtype=flat.dtype)
-    core_backward_kernel(cfg, flat, x2, tok, lengths, c.ws, dout, dstate_n,
-                         grad, dx, dstate0, flow,
-                         0.0 if state_clip is None else float(state_clip))
+    with _BLAS:
+        core_backward_kernel(cfg, flat, x2, tok, lengths, c.ws, dout, dstate_n,
+                             grad, dx, dstate0, flow,
+                             0.0 if state_clip is None else float(state_clip))
     dx = None if tok.shape[0] else dx.reshape(T, B, spec.I)
     return dx, dstate0, grad, flow
 
@@ -1112,9 +1262,11 @@ def model_forward(spec, flat, x, lengths, state0, ctx=None):
     _prepare(c, spec, flat, T, B, is_tok)
     state_n = np.empty_like(c.state_n)
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-    top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
-                              state_n)
-    z = readout_forward_kernel(c.cfg, flat, lengths, top, c.ws).copy()
+    with _BLAS:
+        top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
+                                  state_n)
+    with _BLAS:
+        z = readout_forward_kernel(c.cfg, flat, lengths, top, c.ws).copy()
     if spec.readout == "last":
         return z, state_n
     return z.reshape(T, B, spec.O), state_n
@@ -1141,8 +1293,9 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
     yi, yf = _targets(spec, y, flat.dtype)
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
     state_n = np.empty_like(c.state_n)
-    train_step_kernel(cfg, f, flat, c.grad, opt_state,
-                      (x2, tok, lengths, state0, yi, yf), c.ws, state_n, c.res)
+    with _BLAS:
+        train_step_kernel(cfg, f, flat, c.grad, opt_state,
+                          (x2, tok, lengths, state0, yi, yf), c.ws, state_n, c.res)
     r = c.res
     return dict(loss=float(r[R_LOSS]), grad_norm=float(r[R_GNORM]),
                 clipped=bool(r[R_CLIPPED]), skipped=bool(r[R_SKIPPED]),
@@ -1160,6 +1313,7 @@ def gradient_flow(spec, flat, x, lengths, state0, y, ctx=None):
     flow = np.empty(T, dtype=np.float64)
     cfg = c.cfg.copy()
     cfg[C_SCLIP] = 0
-    flow_kernel(cfg, flat, c.grad, (x2, tok, lengths, state0, yi, yf), c.ws,
-                state_n, flow)
+    with _BLAS:
+        flow_kernel(cfg, flat, c.grad, (x2, tok, lengths, state0, yi, yf), c.ws,
+                    state_n, flow)
     return flow
