@@ -116,7 +116,8 @@ def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None, ctx=None):
     dout (T, B, D*H), dstate_n (S, L*D, B, H).
     Returns dx (None for token input), dstate0, grad (flat, core part filled),
     flow (T,): L2 norm of dL/dh_t of the top layer per step (valid rows,
-    all directions), before state clipping.
+    all directions), after state clipping when state_clip is given
+    (gradient_flow itself never clips).
     """
     caches, lengths, tokens = cache
     p = views(spec, flat)
