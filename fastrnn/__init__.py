@@ -6,6 +6,7 @@
     res = step(x, y)          # forward, loss, BPTT, clipping, update: one call
 """
 from .backends import available_backends
+from .checkpoint import load, save
 from .clip import ClipNorm, ClipValue
 from .layers import LSTM, RNN, LSTMCell, RNNCell
 from .model import SequenceModel, StepResult, TrainStep, gradient_flow
@@ -15,4 +16,4 @@ __version__ = "0.1.0"
 
 __all__ = ["RNN", "LSTM", "RNNCell", "LSTMCell", "SequenceModel", "TrainStep",
            "StepResult", "gradient_flow", "SGD", "Adam", "Adagrad", "ClipNorm",
-           "ClipValue", "available_backends", "__version__"]
+           "ClipValue", "available_backends", "save", "load", "__version__"]
