@@ -1136,15 +1136,20 @@ class _BlasThreads:
         except Exception:
             self.can_pin = False
 
+    def __call__(self, pin):
+        """Context manager: pin to one thread if `pin`, else change nothing."""
+        self._pin = pin and self.can_pin
+        return self
+
     def __enter__(self):
-        if self.can_pin:
+        if self._pin:
             self._saved = self._get()
             if self._saved != 1:
                 self._set(1)
         return self
 
     def __exit__(self, *exc):
-        if self.can_pin and self._saved != 1:
+        if self._pin and self._saved != 1:
             self._set(self._saved)
         return False
 
@@ -1155,7 +1160,7 @@ _BLAS = _BlasThreads()
 class _Ctx:
     """Per-caller state kept between calls: the workspace and the cfg array
     for the last shape, so a steady training loop allocates nothing."""
-    __slots__ = ("key", "cfg", "ws", "grad", "state_n", "res", "fcfg")
+    __slots__ = ("key", "cfg", "ws", "grad", "state_n", "res", "fcfg", "pin")
 
     def __init__(self):
         self.key = None
@@ -1188,9 +1193,12 @@ def _prepare(c, spec, flat, T, B, tok):
     # independent), rows or partial sums for the one-off products. Only when
     # BLAS can be pinned to one thread during our calls; otherwise BLAS keeps
     # its own threads and the kernels run on one core (no oversubscription).
-    ncg = numba.get_num_threads() if _BLAS.can_pin else 1
+    # At B = 1 there is nothing to split in the recurrence: the per-step
+    # product is then best left to BLAS with its own threads.
+    ncg = numba.get_num_threads() if (_BLAS.can_pin and B >= 2) else 1
     cfg[C_NCG] = ncg
     cfg[C_NC] = max(1, min(ncg, B))
+    c.pin = ncg > 1
     cfg[C_PAR] = PAR_MACS
     cfg[C_WOUT], cfg[C_BOUT] = out_offsets(spec)
     cfg[C_POFF:] = poff.ravel()
@@ -1230,7 +1238,7 @@ def core_forward(spec, flat, x, lengths, state0, ctx=None):
     _prepare(c, spec, flat, T, B, is_tok)
     state_n = np.empty_like(c.state_n)
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-    with _BLAS:
+    with _BLAS(c.pin):
         top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
                                   state_n)
     return top.copy(), state_n, (c, x2, tok, lengths, T, B, state_n.shape)
@@ -1247,7 +1255,7 @@ def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None,
     flow = np.empty(T, dtype=np.float64)
     dout = np.ascontiguousarray(dout, dtype=flat.dtype)
     dstate_n = np.ascontiguousarray(dstate_n, dtype=flat.dtype)
-    with _BLAS:
+    with _BLAS(c.pin):
         core_backward_kernel(cfg, flat, x2, tok, lengths, c.ws, dout, dstate_n,
                              grad, dx, dstate0, flow,
                              0.0 if state_clip is None else float(state_clip))
@@ -1262,10 +1270,10 @@ def model_forward(spec, flat, x, lengths, state0, ctx=None):
     _prepare(c, spec, flat, T, B, is_tok)
     state_n = np.empty_like(c.state_n)
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-    with _BLAS:
+    with _BLAS(c.pin):
         top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
                                   state_n)
-    with _BLAS:
+    with _BLAS(c.pin):
         z = readout_forward_kernel(c.cfg, flat, lengths, top, c.ws).copy()
     if spec.readout == "last":
         return z, state_n
@@ -1293,7 +1301,7 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
     yi, yf = _targets(spec, y, flat.dtype)
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
     state_n = np.empty_like(c.state_n)
-    with _BLAS:
+    with _BLAS(c.pin):
         train_step_kernel(cfg, f, flat, c.grad, opt_state,
                           (x2, tok, lengths, state0, yi, yf), c.ws, state_n, c.res)
     r = c.res
@@ -1313,7 +1321,7 @@ def gradient_flow(spec, flat, x, lengths, state0, y, ctx=None):
     flow = np.empty(T, dtype=np.float64)
     cfg = c.cfg.copy()
     cfg[C_SCLIP] = 0
-    with _BLAS:
+    with _BLAS(c.pin):
         flow_kernel(cfg, flat, c.grad, (x2, tok, lengths, state0, yi, yf), c.ws,
                     state_n, flow)
     return flow
