@@ -47,6 +47,11 @@ LSTM = 3
 # loops; larger ones call BLAS. Measured on the 2-core AVX2 dev machine
 # (benchmarks/crossover.py).
 SMALL_MACS = 32768
+# inside a chunk of batch rows (one core each, BLAS pinned to one thread) the
+# register-blocked loops beat single-threaded OpenBLAS at every benchmarked
+# shape (~60 vs ~35 GFLOP/s at 8x128x512; LSTM B=16, H=512: 102 ms with the
+# loops, 199 ms with BLAS per chunk), so chunks always use the loops.
+CHUNK_MACS = 1 << 62
 
 
 def available():
@@ -681,8 +686,9 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
     cot = _act_coefs(0, B, H, 1, flat.dtype)
     nc = cfg[C_NC]
     ncg = cfg[C_NCG]
-    # chunked recurrences use the register-blocked loops only
-    small_eff = small if nc == 1 else np.int64(1) << 62
+    # chunked recurrences: register-blocked loops up to CHUNK_MACS per step,
+    # then BLAS (pinned to one thread, so the chunks do not compete)
+    small_eff = small if nc == 1 else CHUNK_MACS
     lstm = mode == LSTM
     GH = G * H
     for k in range(L):
@@ -758,7 +764,7 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
     PART = _section(ws, sz, 9)
     nc = cfg[C_NC]
     ncg = cfg[C_NCG]
-    small_eff = small if nc == 1 else np.int64(1) << 62
+    small_eff = small if nc == 1 else CHUNK_MACS
     lstm = mode == LSTM
     flowc = np.zeros((nc, T), dtype=np.float64)
     flow[:] = 0
