@@ -7,15 +7,25 @@ Design (see DESIGN.md):
   the optimizer and the clipping. A kernel takes a handful of arrays.
 - All scratch lives in one flat workspace ``ws`` that the caller keeps
   between calls (no page faults from fresh allocations); ``_sections`` is the
-  single table of its section sizes and ``_carve`` cuts it into views.
+  single table of its section sizes and ``_section`` cuts it into views.
 - The input projection W_ih x for all T*B rows is one product before the time
   loop (a row gather for token ids); the time loop keeps only the recurrence;
   dW_ih, dW_hh are one product each after the backward loop.
-- The per-step recurrent product uses explicit loops for small shapes
-  (latency-bound) and BLAS (np.dot) for large ones; see SMALL_MACS.
+- Two cores (or more): batch rows are independent in the recurrence, so they
+  are split into chunks (``_forward_chunks``/``_backward_chunks``, prange)
+  that each run the whole time loop on their own core with no per-step
+  synchronisation. The one-off products (projection, weight gradients as
+  partial sums, input gradient, read-out) are split too (``_pmm*``). BLAS is
+  pinned to one thread during kernel calls (``_BlasThreads``) so its thread
+  pool and numba's do not oversubscribe the cores; at B = 1 nothing is split
+  and BLAS keeps its threads.
+- The per-step recurrent product is a register-blocked loop (4 rows share
+  each row of W_hh; no transpose) up to SMALL_MACS on one chunk and always
+  inside chunks (CHUNK_MACS), BLAS beyond.
 - Derivatives come from saved outputs (tanh' = 1 - h^2, sigmoid' = s(1-s)).
-- Float32 activations use vectorisable approximations (``_act_f32``) accurate
-  to a few float32 ulps; float64 uses libm and stays within 1e-9 of NumPy.
+- Float32 activations run once per step over whole blocks with a vectorised
+  exp-based form (``_act_block``, ``_expm1_f32_row``) within a few float32
+  ulps, NaN propagating; float64 uses libm and stays within 1e-9 of NumPy.
 
 Shapes inside the kernels:
   x: (T*B, I) float (empty when token ids are given), tok: (T*B,) int64
@@ -52,6 +62,8 @@ SMALL_MACS = 32768
 # shape (~60 vs ~35 GFLOP/s at 8x128x512; LSTM B=16, H=512: 102 ms with the
 # loops, 199 ms with BLAS per chunk), so chunks always use the loops.
 CHUNK_MACS = 1 << 62
+# at most this many chunks of batch rows / of a one-off product
+MAX_SPLIT = 4
 
 
 def available():
@@ -1201,7 +1213,9 @@ def _prepare(c, spec, flat, T, B, tok):
     # its own threads and the kernels run on one core (no oversubscription).
     # At B = 1 there is nothing to split in the recurrence: the per-step
     # product is then best left to BLAS with its own threads.
-    ncg = numba.get_num_threads() if (_BLAS.can_pin and B >= 2) else 1
+    # Caps keep the chunks' row blocks and the partial-sum scratch (PART,
+    # (ncg-1) copies of a weight gradient) reasonable on many-core machines.
+    ncg = min(numba.get_num_threads(), MAX_SPLIT) if (_BLAS.can_pin and B >= 2) else 1
     cfg[C_NCG] = ncg
     cfg[C_NC] = max(1, min(ncg, B))
     c.pin = ncg > 1
