@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import backends
 from ._spec import LOSSES, READOUTS, n_core_params, views
 from ._validate import (check_choice, check_int, check_positive, lengths_arg,
                         sequence_input, targets_arg)

@@ -171,3 +171,24 @@ def test_products_split_over_cores(fast_backend, mode, monkeypatch):
     assert_close(rb[0].loss, ra[0].loss, np.float64, "loss")
     for k in pa:
         assert_close(pb[k], pa[k], np.float64, k)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_and_inf_propagate_like_the_reference(fast_backend, mode, dtype):
+    """NaN/inf in the input propagate as in NumPy (the vectorised float32
+    activations must not clamp a NaN into a number, ReLU must not zero it)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 3, 3))
+    x[2, 1, 0] = np.nan
+    x[3, 2, 1] = np.inf
+    x[1, 0, 2] = -np.inf
+    out = {}
+    for be in ("numpy", fast_backend):
+        layer = _layer(mode, 3, 4, 1, False, True, dtype, be, seed=1)
+        with np.errstate(all="ignore"):
+            out[be], _ = layer(x)
+    np.testing.assert_array_equal(np.isnan(out[fast_backend]), np.isnan(out["numpy"]))
+    assert np.isnan(out["numpy"]).any()
+    fin = np.isfinite(out["numpy"])
+    assert_close(out[fast_backend][fin], out["numpy"][fin], dtype)

@@ -1081,7 +1081,7 @@ def train_step_kernel(cfg, fcfg, flat, grad, opt_state, batch, ws, state_n,
     the optimizer update. batch = (x, tok, lengths, state0, yi, yf).
     res receives loss, grad norm (before clipping), clipped, skipped."""
     x, tok, lengths, state0, yi, yf = batch
-    T, B, I = cfg[C_T], cfg[C_B], cfg[C_I]
+    T, B = cfg[C_T], cfg[C_B]
     top = core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n)
     readout_forward_kernel(cfg, flat, lengths, top, ws)
     sz = _sections_of(cfg)
