@@ -54,6 +54,18 @@ def resolve(name):
     return name
 
 
+def ctx_state(ctx, name, factory):
+    """The state backend `name` keeps between calls in the caller's `ctx`
+    dict (workspaces, device buffers), made by `factory` on first use; a
+    fresh, unkept one when the caller passes no ctx."""
+    if ctx is None:
+        return factory()
+    state = ctx.get(name)
+    if state is None:
+        state = ctx[name] = factory()
+    return state
+
+
 def get(name):
     """The backend module for a resolved name."""
     return _load(resolve(name))[0]

@@ -77,6 +77,7 @@ import warnings
 import numpy as np
 
 from .._spec import out_offsets, param_offsets
+from . import ctx_state
 
 name = "cuda"
 
@@ -1173,12 +1174,7 @@ class _Ctx:
 
 
 def _ctx(ctx):
-    if ctx is None:
-        return _Ctx()
-    c = ctx.get("cuda")
-    if c is None:
-        c = ctx["cuda"] = _Ctx()
-    return c
+    return ctx_state(ctx, "cuda", _Ctx)
 
 
 def _alloc(shape, dtype):

@@ -40,6 +40,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from . import ctx_state
+
 name = "numba"
 
 # ---- cfg header indices ----------------------------------------------------
@@ -1185,19 +1187,14 @@ class _Ctx:
 
 
 def _ctx(ctx):
-    if ctx is None:
-        return _Ctx()
-    c = ctx.get("numba")
-    if c is None:
-        c = ctx["numba"] = _Ctx()
-    return c
+    return ctx_state(ctx, "numba", _Ctx)
 
 
 def _prepare(c, spec, flat, T, B, tok):
     key = (spec, T, B, tok, flat.dtype, numba.get_num_threads(), PAR_MACS)
     if c.key == key:
         return
-    from .._spec import param_offsets, out_offsets
+    from .._spec import out_offsets, param_offsets
     poff = param_offsets(spec)
     cfg = np.zeros(C_POFF + poff.size, dtype=np.int64)
     cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H] = T, B, spec.I, spec.H
