@@ -1248,13 +1248,20 @@ def _targets(spec, y, dtype):
             np.ascontiguousarray(y, dtype=dtype).reshape(-1, spec.O))
 
 
-def core_forward(spec, flat, x, lengths, state0, ctx=None):
+def _begin(spec, flat, x, lengths, ctx):
+    """What every entry point starts with: the caller's kept state prepared
+    for this shape, x split into float rows / token ids, lengths as int64,
+    and a fresh final-state array."""
     c = _ctx(ctx)
     T, B = x.shape[0], x.shape[1]
     x2, tok, is_tok = _split_x(x, flat.dtype)
     _prepare(c, spec, flat, T, B, is_tok)
-    state_n = np.empty_like(c.state_n)
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    return c, T, B, x2, tok, lengths, np.empty_like(c.state_n)
+
+
+def core_forward(spec, flat, x, lengths, state0, ctx=None):
+    c, T, B, x2, tok, lengths, state_n = _begin(spec, flat, x, lengths, ctx)
     with _BLAS(c.pin):
         top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
                                   state_n)
@@ -1281,16 +1288,10 @@ def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None,
 
 
 def model_forward(spec, flat, x, lengths, state0, ctx=None):
-    c = _ctx(ctx)
-    T, B = x.shape[0], x.shape[1]
-    x2, tok, is_tok = _split_x(x, flat.dtype)
-    _prepare(c, spec, flat, T, B, is_tok)
-    state_n = np.empty_like(c.state_n)
-    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    c, T, B, x2, tok, lengths, state_n = _begin(spec, flat, x, lengths, ctx)
     with _BLAS(c.pin):
         top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
                                   state_n)
-    with _BLAS(c.pin):
         z = readout_forward_kernel(c.cfg, flat, lengths, top, c.ws).copy()
     if spec.readout == "last":
         return z, state_n
@@ -1299,10 +1300,7 @@ def model_forward(spec, flat, x, lengths, state0, ctx=None):
 
 def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
                hyper, clip, limit, state_clip, ctx=None):
-    c = _ctx(ctx)
-    T, B = x.shape[0], x.shape[1]
-    x2, tok, is_tok = _split_x(x, flat.dtype)
-    _prepare(c, spec, flat, T, B, is_tok)
+    c, T, B, x2, tok, lengths, state_n = _begin(spec, flat, x, lengths, ctx)
     cfg, f = c.cfg, c.fcfg
     cfg[C_OPT] = _OPTS[opt]
     cfg[C_CLIP] = _CLIPS[clip]
@@ -1316,8 +1314,6 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
     f[F_LIMIT] = 0.0 if limit is None else limit
     f[F_SCLIP] = 0.0 if state_clip is None else state_clip
     yi, yf = _targets(spec, y, flat.dtype)
-    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-    state_n = np.empty_like(c.state_n)
     with _BLAS(c.pin):
         train_step_kernel(cfg, f, flat, c.grad, opt_state,
                           (x2, tok, lengths, state0, yi, yf), c.ws, state_n, c.res)
@@ -1328,13 +1324,8 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
 
 
 def gradient_flow(spec, flat, x, lengths, state0, y, ctx=None):
-    c = _ctx(ctx)
-    T, B = x.shape[0], x.shape[1]
-    x2, tok, is_tok = _split_x(x, flat.dtype)
-    _prepare(c, spec, flat, T, B, is_tok)
+    c, T, B, x2, tok, lengths, state_n = _begin(spec, flat, x, lengths, ctx)
     yi, yf = _targets(spec, y, flat.dtype)
-    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-    state_n = np.empty_like(c.state_n)
     flow = np.empty(T, dtype=np.float64)
     cfg = c.cfg.copy()
     cfg[C_SCLIP] = 0
