@@ -46,8 +46,72 @@ def check_dtype(dtype):
     return dt
 
 
+def is_device_array(v):
+    """Whether v is a CUDA device array (numba, CuPy, a torch CUDA tensor:
+    anything exporting __cuda_array_interface__)."""
+    if isinstance(v, np.ndarray):
+        return False
+    try:
+        return (getattr(v, "__cuda_ndarray__", False) is True   # numba (and its simulator)
+                or hasattr(v, "__cuda_array_interface__"))
+    except Exception:   # a property that raises for host tensors
+        return False
+
+
+class DeviceSeq:
+    """A validated device array that a device backend reads in place
+    (backends/cuda.py): ``array`` seen as ``shape`` (time-major), converted to
+    ``dtype`` on the device; axes 0 and 1 of ``array`` are swapped first when
+    ``swap`` (batch_first)."""
+
+    def __init__(self, array, shape, dtype, swap):
+        self.array = array
+        self.shape = tuple(int(v) for v in shape)
+        self.dtype = np.dtype(dtype)
+        self.swap = bool(swap)
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def size(self):
+        return int(np.prod(self.shape))
+
+    def __repr__(self):
+        return f"DeviceSeq(shape={self.shape}, dtype={self.dtype}, swap={self.swap})"
+
+
+def _device_meta(name, v):
+    """(shape, dtype) of a device array (numba's, or from its
+    __cuda_array_interface__)."""
+    if getattr(v, "__cuda_ndarray__", False) is True:
+        return tuple(int(n) for n in v.shape), np.dtype(v.dtype)
+    try:
+        cai = v.__cuda_array_interface__
+        return tuple(int(n) for n in cai["shape"]), np.dtype(cai["typestr"])
+    except Exception as e:
+        raise TypeError(f"{name}: cannot read the device array's "
+                        f"__cuda_array_interface__ ({type(e).__name__}: {e})") from None
+
+
+def _to_host(v):
+    """Host copy of a device array (for backends that compute on the host)."""
+    if hasattr(v, "detach") and hasattr(v, "cpu"):     # torch
+        return v.detach().cpu().numpy()
+    if hasattr(v, "copy_to_host"):                      # numba
+        return v.copy_to_host()
+    if hasattr(v, "get"):                               # CuPy
+        return v.get()
+    from numba import cuda
+    return cuda.as_cuda_array(v).copy_to_host()
+
+
 def as_array(name, v):
-    """NumPy array from an array, anything with __array__, or a torch tensor."""
+    """NumPy array from an array, anything with __array__, a torch tensor, or
+    a CUDA device array (copied to the host)."""
+    if is_device_array(v):
+        v = _to_host(v)
     if hasattr(v, "detach") and hasattr(v, "cpu"):
         v = v.detach().cpu().numpy()
     try:
@@ -56,11 +120,34 @@ def as_array(name, v):
         raise TypeError(f"{name}: expected an array, got {type(v).__name__} ({e})") from None
 
 
-def sequence_input(x, input_size, dtype, batch_first, name="x"):
+def sequence_input(x, input_size, dtype, batch_first, name="x", device=False):
     """Validate a sequence input. Returns a time-major array: (T, B, I) of
-    `dtype`, or (T, B) int64 token ids checked to lie in [0, input_size)."""
-    x = as_array(name, x)
+    `dtype`, or (T, B) int64 token ids checked to lie in [0, input_size).
+    With device=True (a backend that reads device arrays in place) a device
+    array is checked by its shape and dtype only and comes back as a
+    DeviceSeq; the backend checks the ids on the device."""
     layout = "(B, T" if batch_first else "(T, B"
+    if device and is_device_array(x):
+        shape, dt = _device_meta(name, x)
+        if dt.kind in "iu":
+            if len(shape) != 2:
+                raise ValueError(f"{name}: integer token ids must have shape {layout}), "
+                                 f"got shape {shape}")
+            out = np.int64
+        elif dt.kind == "f":
+            if len(shape) != 3 or shape[2] != input_size:
+                raise ValueError(f"{name}: expected shape {layout}, {input_size}) "
+                                 f"(input_size={input_size}), got shape {shape}")
+            out = dtype
+        else:
+            raise TypeError(f"{name}: expected a float array or integer token ids, "
+                            f"got dtype {dt}")
+        if shape[0] == 0 or shape[1] == 0:
+            raise ValueError(f"{name}: expected non-empty T and B, got shape {shape}")
+        if batch_first:
+            shape = (shape[1], shape[0]) + shape[2:]
+        return DeviceSeq(x, shape, out, batch_first)
+    x = as_array(name, x)
     if x.dtype.kind in "iu":
         if x.ndim != 2:
             raise ValueError(f"{name}: integer token ids must have shape {layout}), "
@@ -119,10 +206,14 @@ def state_arg(v, shape, dtype, name):
     return np.ascontiguousarray(v, dtype=dtype)
 
 
-def targets_arg(y, spec, T, B, lengths, batch_first, dtype, name="y"):
+def targets_arg(y, spec, T, B, lengths, batch_first, dtype, name="y", device=False):
     """Targets for the read-out, time-major. cross_entropy: int class ids,
     (T, B) for readout 'all' or (B,) for 'last'; mse: floats with a trailing
-    O axis. Ids are checked at valid steps (padding targets are ignored)."""
+    O axis. Ids are checked at valid steps (padding targets are ignored).
+    device=True: as in sequence_input (a DeviceSeq; ids checked on the
+    device, after the padding ones are zeroed)."""
+    if device and is_device_array(y):
+        return _device_targets(y, spec, T, B, batch_first, dtype, name)
     y = as_array(name, y)
     O = spec.O
     if spec.readout == "all":
@@ -157,3 +248,28 @@ def targets_arg(y, spec, T, B, lengths, batch_first, dtype, name="y"):
     if batch_first and spec.readout == "all":
         y = y.swapaxes(0, 1)
     return np.ascontiguousarray(y, dtype=dtype)
+
+
+def _device_targets(y, spec, T, B, batch_first, dtype, name):
+    shape, dt = _device_meta(name, y)
+    O = spec.O
+    every = spec.readout == "all"
+    if every:
+        lay = "(B, T" if batch_first else "(T, B"
+        want = (B, T) if batch_first else (T, B)
+    else:
+        lay, want = "(B", (B,)
+    swap = batch_first and every
+    tm = lambda s: (s[1], s[0]) + s[2:] if swap else s   # noqa: E731
+    if spec.loss == "cross_entropy":
+        if dt.kind not in "iu":
+            raise TypeError(f"{name}: cross_entropy expects integer class ids, got dtype {dt}")
+        if shape != want:
+            raise ValueError(f"{name}: expected class ids of shape {lay}) = {want}, got {shape}")
+        return DeviceSeq(y, tm(shape), np.int64, swap)
+    if dt.kind not in "fiu":
+        raise TypeError(f"{name}: mse expects float targets, got dtype {dt}")
+    fshape = want + (O,)
+    if shape != fshape:
+        raise ValueError(f"{name}: expected float targets of shape {lay}, {O}) = {fshape}, got {shape}")
+    return DeviceSeq(y, tm(shape), dtype, swap)

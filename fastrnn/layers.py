@@ -1,13 +1,14 @@
 """Recurrent layers: drop-in for torch.nn.RNN / nn.LSTM / nn.RNNCell /
 nn.LSTMCell, on NumPy arrays, with an explicit backward.
 
-A layer owns its parameters as one flat buffer (``_flat``); ``state_dict``
-returns copies under PyTorch's names. Validation happens here; the numbers
+A layer owns its parameters as one flat buffer (``_buf``; the ``_flat``
+property makes it current first, see _mirror.py); ``state_dict`` returns
+copies under PyTorch's names. Validation happens here; the numbers
 are computed by the chosen backend (fastrnn.backends).
 """
 import numpy as np
 
-from . import backends
+from . import _mirror, backends
 from ._spec import make_spec, n_core_params, views
 from ._validate import (as_array, check_bool, check_choice, check_dtype,
                         check_int, lengths_arg, sequence_input, state_arg)
@@ -55,18 +56,35 @@ class _Base:
         self.backend = backends.resolve(backend)
         self._be = backends.get(self.backend)
         self._spec = spec
-        self._flat = np.zeros(n_core_params(spec), dtype=self.dtype)
+        self._buf = np.zeros(n_core_params(spec), dtype=self.dtype)
         tmp = np.zeros(n_core_params(spec), dtype=np.float64)
         init_core(spec, tmp, init, np.random.default_rng(seed))
-        self._flat[:] = tmp
+        self._buf[:] = tmp
         self._ctx = {}
         self._cache = None
         self.grads = None
 
     # -- parameters --------------------------------------------------------
+    @property
+    def _flat(self):
+        """The flat parameter buffer, made current (a TrainStep on the cuda
+        backend may hold newer parameters on the device) and assumed written
+        by whoever asks for it."""
+        _mirror.touch(self._buf)
+        return self._buf
+
+    @_flat.setter
+    def _flat(self, buf):
+        self._buf = buf
+
+    def _params(self):
+        """The flat buffer made current, for reading."""
+        _mirror.sync(self._buf)
+        return self._buf
+
     def state_dict(self):
         """{name: copy} with PyTorch's names and shapes."""
-        return {k: v.copy() for k, v in views(self._spec, self._flat).items()}
+        return {k: v.copy() for k, v in views(self._spec, self._params()).items()}
 
     def load_state_dict(self, d, strict=True):
         """Load numpy arrays / array-likes / torch tensors; validated whole
@@ -77,10 +95,15 @@ class _Base:
 
     def parameters(self):
         """Named views (not copies) of the parameters, in state_dict order."""
-        return views(self._spec, self._flat)
+        return views(self._spec, _mirror.export(self._buf))
 
     def num_parameters(self):
-        return int(self._flat.size)
+        return int(self._buf.size)
+
+    @property
+    def _device_inputs(self):
+        """Whether the backend reads device arrays in place (cuda)."""
+        return getattr(self._be, "DEVICE_INPUTS", False)
 
 
 class _Recurrent(_Base):
@@ -128,13 +151,14 @@ class _Recurrent(_Base):
 
     def forward(self, x, hx=None, lengths=None):
         """out, h_n (RNN) or out, (h_n, c_n) (LSTM), PyTorch's shapes."""
-        xs = sequence_input(x, self.input_size, self.dtype, self.batch_first)
+        xs = sequence_input(x, self.input_size, self.dtype, self.batch_first,
+                            device=self._device_inputs)
         T, B = xs.shape[0], xs.shape[1]
         ln = lengths_arg(lengths, T, B)
         st0 = self._state0(hx, B)
-        out, st_n, cache = self._be.core_forward(self._spec, self._flat, xs,
+        out, st_n, cache = self._be.core_forward(self._spec, self._params(), xs,
                                                  ln, st0, ctx=self._ctx)
-        self._cache = (cache, T, B, xs.dtype.kind in "iu")
+        self._cache = (cache, T, B, np.dtype(xs.dtype).kind in "iu")
         if self.batch_first:
             out = np.ascontiguousarray(out.swapaxes(0, 1))
         return out, self._state_out(st_n)
@@ -175,7 +199,7 @@ class _Recurrent(_Base):
         if state_clip is not None:
             from ._validate import check_positive
             state_clip = check_positive("state_clip", state_clip)
-        dx, dst0, grad, _ = self._be.core_backward(self._spec, self._flat, cache,
+        dx, dst0, grad, _ = self._be.core_backward(self._spec, self._params(), cache,
                                                    g, dst, state_clip, ctx=self._ctx)
         self.grads = {k: v.copy() for k, v in views(self._spec, grad).items()}
         if dx is not None and self.batch_first:
@@ -275,7 +299,7 @@ class _Cell(_Base):
             else:
                 st0[0] = self._state(hx, B, batched, "hx")[0]
         ln = np.ones(B, dtype=np.int64)
-        _, st_n, cache = self._be.core_forward(self._spec, self._flat, xs, ln, st0,
+        _, st_n, cache = self._be.core_forward(self._spec, self._params(), xs, ln, st0,
                                                ctx=self._ctx)
         self._cache = (cache, B, batched)
         res = [st_n[i, 0] if batched else st_n[i, 0, 0] for i in range(S)]
@@ -298,8 +322,8 @@ class _Cell(_Base):
             if part is not None:
                 dst[i] = self._state(part, B, batched, "grad_h")[0]
         g = np.zeros((1, B, self.hidden_size), dtype=self.dtype)
-        dx, dst0, grad, _ = self._be.core_backward(self._spec, self._flat, cache, g, dst,
-                                                   None, ctx=self._ctx)
+        dx, dst0, grad, _ = self._be.core_backward(self._spec, self._params(), cache, g,
+                                                   dst, None, ctx=self._ctx)
         self.grads = {k: v.copy() for k, v in views(self._spec, grad).items()}
         if dx is not None:
             dx = dx[0] if batched else dx[0, 0]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _mirror
 from ._spec import LOSSES, READOUTS, n_core_params, views
 from ._validate import (check_choice, check_int, check_positive, lengths_arg,
                         sequence_input, targets_arg)
@@ -42,15 +43,15 @@ class SequenceModel:
         self.dtype = core.dtype
         flat = np.zeros(self._spec._n_total, dtype=self.dtype)
         nc = n_core_params(self._spec)
-        flat[:nc] = core._flat
+        flat[:nc] = core._params()
         if seed is None and core.seed is not None:
             seed = [core.seed, 1]  # derived, so a seeded core gives a seeded model
         tmp = np.zeros_like(flat, dtype=np.float64)
         init_readout(self._spec, tmp, np.random.default_rng(seed))
         flat[nc:] = tmp[nc:]
-        core._flat = flat[:nc]  # the core now lives inside the model's buffer
+        core._buf = flat[:nc]  # the core now lives inside the model's buffer
         core._cache = None
-        self._flat = flat
+        self._buf = flat
         self._ctx = {}
 
     @property
@@ -61,23 +62,37 @@ class SequenceModel:
     def _be(self):
         return self.core._be
 
+    @property
+    def _flat(self):
+        """The flat buffer (core's parameters, then the read-out's), made
+        current and assumed written by whoever asks (see _mirror.py)."""
+        _mirror.touch(self._buf)
+        return self._buf
+
+    def _params(self):
+        """The flat buffer made current, for reading."""
+        _mirror.sync(self._buf)
+        return self._buf
+
     def state_dict(self):
         """Core's keys (PyTorch names) plus weight_out (O, D*H), bias_out (O,)."""
-        return {k: v.copy() for k, v in views(self._spec, self._flat).items()}
+        return {k: v.copy() for k, v in views(self._spec, self._params()).items()}
 
     def load_state_dict(self, d, strict=True):
         _load_arrays("SequenceModel", self._spec, self._flat, d, strict)
         self.core._cache = None
 
     def parameters(self):
-        return views(self._spec, self._flat)
+        """Named views (not copies) of all parameters, in state_dict order."""
+        return views(self._spec, _mirror.export(self._buf))
 
     def num_parameters(self):
-        return int(self._flat.size)
+        return int(self._buf.size)
 
     def _inputs(self, x, hx, lengths):
         core = self.core
-        xs = sequence_input(x, core.input_size, self.dtype, core.batch_first)
+        xs = sequence_input(x, core.input_size, self.dtype, core.batch_first,
+                            device=core._device_inputs)
         T, B = xs.shape[0], xs.shape[1]
         ln = lengths_arg(lengths, T, B)
         st0 = core._state0(hx, B)
@@ -87,7 +102,7 @@ class SequenceModel:
         """(outputs, h_n): logits/values (T, B, O) for readout 'all' (zero at
         padding steps; (B, T, O) if batch_first) or (B, O) for 'last'."""
         xs, T, B, ln, st0 = self._inputs(x, hx, lengths)
-        z, st_n = self._be.model_forward(self._spec, self._flat, xs, ln, st0,
+        z, st_n = self._be.model_forward(self._spec, self._params(), xs, ln, st0,
                                          ctx=self._ctx)
         if self.readout == "all" and self.core.batch_first:
             z = np.ascontiguousarray(z.swapaxes(0, 1))
@@ -137,16 +152,27 @@ class TrainStep:
         self.clip = clip
         self.state_clip = None if state_clip is None else check_positive("state_clip", state_clip)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
-        self.opt_state = np.zeros((2, model._flat.size), dtype=model.dtype)
+        self._opt = np.zeros((2, model._buf.size), dtype=model.dtype)
         self.steps = 0       # successful updates (Adam's t)
         self._ctx = {}
+
+    @property
+    def opt_state(self):
+        """The optimizer moments, (2, n_params): row 0 momentum / Adam's m /
+        Adagrad's sum of squares, row 1 Adam's v; made current (the cuda
+        backend keeps them on the device between steps)."""
+        _mirror.touch(self._opt)
+        return self._opt
 
     def __call__(self, x, y, hx=None, lengths=None):
         m = self.model
         xs, T, B, ln, st0 = m._inputs(x, hx, lengths)
-        yy = targets_arg(y, m._spec, T, B, ln, m.core.batch_first, m.dtype)
+        yy = targets_arg(y, m._spec, T, B, ln, m.core.batch_first, m.dtype,
+                         device=m.core._device_inputs)
         clip = self.clip
-        r = m._be.train_step(m._spec, m._flat, self.opt_state, self.steps + 1, xs, ln,
+        # the raw buffers: a backend that keeps them on a device (cuda) syncs
+        # them itself through _mirror
+        r = m._be.train_step(m._spec, m._buf, self._opt, self.steps + 1, xs, ln,
                              st0, yy, opt=self.optimizer.kind,
                              hyper=self.optimizer.hyper,
                              clip=None if clip is None else clip.kind,
@@ -167,12 +193,13 @@ class TrainStep:
 
     def state_dict(self):
         """Optimizer state (moments and step count) as arrays."""
-        return {"opt_state": self.opt_state.copy(), "steps": self.steps}
+        _mirror.sync(self._opt)
+        return {"opt_state": self._opt.copy(), "steps": self.steps}
 
     def load_state_dict(self, d):
         st = np.asarray(d["opt_state"])
-        if st.shape != self.opt_state.shape:
-            raise ValueError(f"opt_state: expected shape {self.opt_state.shape}, got {st.shape}")
+        if st.shape != self._opt.shape:
+            raise ValueError(f"opt_state: expected shape {self._opt.shape}, got {st.shape}")
         self.opt_state[...] = st
         self.steps = int(d["steps"])
 
@@ -184,7 +211,8 @@ def gradient_flow(model, x, y, hx=None, lengths=None):
     if not isinstance(model, SequenceModel):
         raise TypeError(f"model: expected an fr.SequenceModel, got {type(model).__name__}")
     xs, T, B, ln, st0 = model._inputs(x, hx, lengths)
-    yy = targets_arg(y, model._spec, T, B, ln, model.core.batch_first, model.dtype)
-    flow = model._be.gradient_flow(model._spec, model._flat, xs, ln, st0, yy,
+    yy = targets_arg(y, model._spec, T, B, ln, model.core.batch_first, model.dtype,
+                     device=model.core._device_inputs)
+    flow = model._be.gradient_flow(model._spec, model._params(), xs, ln, st0, yy,
                                    ctx=model._ctx)
     return np.asarray(flow, dtype=np.float64)

@@ -238,6 +238,8 @@ def test_device_array_inputs(mode, tokens):
     rb = cb.train_step(spec, fb, np.zeros((2, flat.size)), 1, *dev, ctx={}, **kw)
     assert_close(rb["loss"], ra["loss"], np.float64, "loss")
     assert_close(rb["grad"].copy_to_host(), ra["grad"], np.float64, "grad (device array)")
+    from fastrnn import _mirror
+    _mirror.sync(fb)   # the updated parameters stay on the device until asked for
     assert_close(fb, fa, np.float64, "updated parameters (host copy)")
     assert_close(cb.gradient_flow(spec, flat, *dev, ctx={}),
                  ref.gradient_flow(spec, flat, x, lengths, state0, y), np.float64, "flow")
@@ -394,6 +396,10 @@ def test_launches_use_the_documented_signatures(monkeypatch):
     _train("cuda", "tanh", "persistent-smem", "all", "cross_entropy", True, steps=1)
     test_device_array_inputs("tanh", True)
     expected = {dt: cb.kernel_signatures(dt) for dt in (np.float32, np.float64)}
+    # the relayout kernels compile for whatever device array the user passes
+    # (relayout_signatures lists the common forms, for precompile)
+    for kern in (cb._relayout1_kernel, cb._relayout2_kernel, cb._relayout3_kernel):
+        seen.pop(kern, None)
     assert set(seen) == set(expected[np.float32]), "a kernel was never launched"
     for kern, sigs in seen.items():
         allowed = {tuple(expected[dt][kern]) for dt in expected}
@@ -452,7 +458,8 @@ def test_kernels_compile_for_a_gpu(monkeypatch, tmp_path):
              cb._bwd_step_kernel: cb._GPU_SHAPES["STEP_NU"]}
     ptxas = _ptxas()
     for dt in (np.float32, np.float64):
-        for kern, sig in cb.kernel_signatures(dt).items():
+        for kern, sig in (list(cb.kernel_signatures(dt).items())
+                          + cb.relayout_signatures(dt)):
             ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
             if ptxas is None:
                 continue
@@ -467,3 +474,181 @@ def test_kernels_compile_for_a_gpu(monkeypatch, tmp_path):
                 f"{kern.__name__} ({np.dtype(dt).name}): {regs} registers x "
                 f"{threads} threads exceed the 64K registers of a block")
             assert "spill" not in info or " 0 bytes spill stores" in info
+
+
+# --------------------------------------------------------------------------
+# parameters and moments stay on the device between steps
+# --------------------------------------------------------------------------
+def _resident_setup(backend, seed=3):
+    core = _layer("lstm", 3, 4, 1, False, np.float64, backend, seed)
+    model = fr.SequenceModel(core, 2)
+    step = fr.TrainStep(model, fr.Adam(0.05), clip=fr.ClipNorm(0.5))
+    rng = np.random.default_rng(seed)
+    data = [(rng.standard_normal((4, 2, 3)), rng.integers(0, 2, (4, 2)))
+            for _ in range(4)]
+    return model, step, data
+
+
+@needs_cuda
+def test_parameters_stay_on_the_device_until_the_host_asks():
+    """Steps with nobody looking leave the host buffers untouched (nothing was
+    copied back); the first host access (state_dict, opt_state, forward,
+    save) brings back exactly the reference's numbers."""
+    ma, sa, data = _resident_setup("numpy")
+    mb, sb, _ = _resident_setup("cuda")
+    before = mb._buf.copy()
+    for x, y in data[:2]:
+        ra, rb = sa(x, y), sb(x, y)
+        assert_close(rb.loss, ra.loss, np.float64, "loss")
+    np.testing.assert_array_equal(mb._buf, before)       # still on the device
+    np.testing.assert_array_equal(sb._opt, 0)
+    for k, v in ma.state_dict().items():                  # the host asks
+        assert_close(mb.state_dict()[k], v, np.float64, k)
+    assert_close(sb.opt_state, sa.opt_state, np.float64, "moments")
+    for x, y in data[2:]:                                 # and the step goes on
+        sa(x, y), sb(x, y)
+    za, _ = ma(data[0][0])
+    zb, _ = mb(data[0][0])                               # forward sees the newest
+    assert_close(zb, za, np.float64, "forward after resident steps")
+    ha, _ = ma.core(data[0][0])
+    hb, _ = mb.core(data[0][0])
+    assert_close(hb, ha, np.float64, "the core's own forward")
+
+
+@needs_cuda
+def test_no_update_is_lost_when_the_train_step_goes_away(tmp_path):
+    ma, sa, data = _resident_setup("numpy")
+    mb, sb, _ = _resident_setup("cuda")
+    for x, y in data:
+        sa(x, y), sb(x, y)
+    fr.save(tmp_path / "ck.npz", mb, train_step=sb)
+    del sb
+    import gc
+    gc.collect()
+    for k, v in ma.state_dict().items():
+        assert_close(mb.state_dict()[k], v, np.float64, k)
+    ck = fr.load(tmp_path / "ck.npz")
+    for k, v in ma.state_dict().items():
+        assert_close(ck.model.state_dict()[k], v, np.float64, f"saved {k}")
+    assert_close(ck.train_step.opt_state, sa.opt_state, np.float64, "saved moments")
+
+
+@needs_cuda
+def test_views_from_parameters_see_every_step_and_are_seen():
+    """While views from parameters() are alive the host must stay current
+    (they can be read at any time) and writes through them must reach the
+    next step; once they are gone the device copy is the master again."""
+    ma, sa, data = _resident_setup("numpy")
+    mb, sb, _ = _resident_setup("cuda")
+    pa, pb = ma.parameters(), mb.parameters()
+    w_hh = pb["weight_hh_l0"][1:3]            # a view derived from a view
+    del pb
+    for i, (x, y) in enumerate(data[:3]):
+        sa(x, y), sb(x, y)
+        assert_close(w_hh, pa["weight_hh_l0"][1:3], np.float64, f"view after step {i}")
+        w_hh *= 0.5                            # a write the next step must use
+        pa["weight_hh_l0"][1:3] *= 0.5
+    del w_hh                                   # no views left: resident again
+    before = mb._buf.copy()
+    sa(*data[3]), sb(*data[3])
+    np.testing.assert_array_equal(mb._buf, before)
+    for k, v in ma.state_dict().items():
+        assert_close(mb.state_dict()[k], v, np.float64, k)
+
+
+@needs_cuda
+def test_load_state_dict_and_opt_state_writes_reach_the_device():
+    ma, sa, data = _resident_setup("numpy")
+    mb, sb, _ = _resident_setup("cuda")
+    sa(*data[0]), sb(*data[0])
+    sd = ma.state_dict()
+    sd["weight_out"] *= -1
+    ma.load_state_dict(sd)
+    mb.load_state_dict(sd)
+    st = sa.state_dict()
+    st["opt_state"] = st["opt_state"] * 0.25
+    sa.load_state_dict(st)
+    sb.load_state_dict(st)
+    for x, y in data[1:]:
+        ra, rb = sa(x, y), sb(x, y)
+        assert_close(rb.loss, ra.loss, np.float64, "loss")
+        assert_close(rb.grad_norm, ra.grad_norm, np.float64, "grad norm")
+    for k, v in ma.state_dict().items():
+        assert_close(mb.state_dict()[k], v, np.float64, k)
+    assert_close(sb.opt_state, sa.opt_state, np.float64, "moments")
+
+
+@needs_cuda
+@pytest.mark.parametrize("tokens,batch_first,readout,loss", [
+    (False, False, "all", "cross_entropy"),
+    (True, True, "all", "cross_entropy"),
+    (False, True, "all", "mse"),
+    (True, False, "last", "cross_entropy"),
+    (False, True, "last", "mse"),
+])
+def test_device_arrays_through_the_public_api(tokens, batch_first, readout, loss):
+    """x and y as device arrays (batch_first, another float dtype, int32 ids,
+    invalid class ids at padding steps) give the reference's numbers through
+    the layers, SequenceModel, TrainStep and gradient_flow."""
+    from numba import cuda
+
+    T, B, I, H, O = 4, 3, 3, 5, 2
+    rng = np.random.default_rng(7)
+    lengths = np.array([4, 2, 3])
+    x = rng.integers(0, I, (T, B)).astype(np.int32) if tokens else \
+        rng.standard_normal((T, B, I)).astype(np.float32)
+    shape = (T, B) if readout == "all" else (B,)
+    y = (rng.integers(0, O, shape).astype(np.int32) if loss == "cross_entropy"
+         else rng.standard_normal(shape + (O,)).astype(np.float32))
+    if loss == "cross_entropy" and readout == "all":
+        y[3, 1] = 99    # a padding step (lengths[1] = 2): ignored, not an error
+    if batch_first:
+        x = np.ascontiguousarray(x.swapaxes(0, 1))
+        if readout == "all":
+            y = np.ascontiguousarray(y.swapaxes(0, 1))
+    res = {}
+    for backend in ("numpy", "cuda"):
+        core = fr.LSTM(I, H, batch_first=batch_first, dtype=np.float64, seed=1,
+                       backend=backend)
+        model = fr.SequenceModel(core, O, loss=loss, readout=readout)
+        step = fr.TrainStep(model, fr.SGD(0.1, momentum=0.5))
+        h0 = np.full((1, B, H), 0.1)
+        dev = cuda.to_device if backend == "cuda" else (lambda a: a)
+        xi, yi, li = dev(x), dev(y), dev(lengths)
+        out, _ = core(xi, hx=(dev(h0), dev(-h0)), lengths=li)
+        r1 = step(xi, yi, lengths=li)
+        r2 = step(xi, yi, hx=(dev(r1.hx[0]), dev(r1.hx[1])), lengths=lengths)
+        flow = fr.gradient_flow(model, xi, yi, lengths=lengths)
+        z, _ = model(xi, lengths=lengths)
+        res[backend] = (out, r1.loss, r2.loss, r2.grad_norm, flow, z, model.state_dict())
+    for name, a, b in zip(("out", "loss 1", "loss 2", "norm", "flow", "z", "params"),
+                          res["numpy"], res["cuda"]):
+        if isinstance(a, dict):
+            for k in a:
+                assert_close(b[k], a[k], np.float64, k)
+        else:
+            assert_close(b, a, np.float64, name)
+
+
+@needs_cuda
+def test_bad_device_arrays_through_the_public_api():
+    from numba import cuda
+
+    core = fr.RNN(3, 4, dtype=np.float64, backend="cuda")
+    model = fr.SequenceModel(core, 2)
+    step = fr.TrainStep(model, fr.SGD(0.1))
+    with pytest.raises(ValueError, match=r"x: expected shape \(T, B, 3\)"):
+        core(cuda.to_device(np.zeros((4, 2, 5))))
+    with pytest.raises(ValueError, match="x: token ids"):
+        core(cuda.to_device(np.array([[0, 3]])))
+    with pytest.raises(TypeError, match="x: expected a float array or integer"):
+        core(cuda.to_device(np.zeros((4, 2, 3), dtype=np.bool_)))
+    x = np.zeros((4, 2, 3))
+    with pytest.raises(ValueError, match="y: class ids"):
+        step(cuda.to_device(x), cuda.to_device(np.full((4, 2), 2)))
+    with pytest.raises(ValueError, match=r"y: expected class ids of shape"):
+        step(cuda.to_device(x), cuda.to_device(np.zeros((2, 4), dtype=np.int64)))
+    with pytest.raises(TypeError, match="cross_entropy expects integer"):
+        step(cuda.to_device(x), cuda.to_device(np.zeros((4, 2))))
+    r = step(cuda.to_device(x), cuda.to_device(np.ones((4, 2), dtype=np.int64)))
+    assert np.isfinite(r.loss) and step.steps == 1

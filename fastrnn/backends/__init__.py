@@ -11,6 +11,12 @@ Every backend module implements the same functions with the same arguments:
                hyper, clip, limit, state_clip, ctx=None) -> dict
     gradient_flow(spec, flat, x, lengths, state0, y, ctx=None) -> flow (T,)
 
+train_step updates flat and opt_state in place, or -- a backend that keeps
+them on a device (cuda) -- registers itself as the holder of newer copies
+with fastrnn/_mirror.py, which the layers and the model consult before any
+host access. A backend with ``DEVICE_INPUTS = True`` receives device arrays
+from the layers as _validate.DeviceSeq (validated shape, read in place).
+
 The layers pick one by name; nothing outside this package knows how a kernel
 works. Modules are imported lazily so that a missing optional dependency
 (numba, the C extension, numba-cuda) only disables its backend.

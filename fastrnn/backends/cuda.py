@@ -42,17 +42,22 @@ Recurrence paths (``choose_path``; ``PATH``/``FASTRNN_CUDA_PATH`` forces one):
   thread so the cell update is fused into the same kernel.
 
 Parameters and host memory: the callers own flat host arrays (the model's
-parameters, the optimizer moments) and read them directly (state_dict), so
-``train_step`` mirrors them: it uploads them at the start of a step (host
-writes such as load_state_dict are therefore always seen) and, unless the
-step was skipped, copies the updated parameters and moments back before it
-returns. Device buffers (parameters, gradient, moments, workspace) live in
-the ``ctx`` dict the caller passes and are reused while the shape is the
-same; with a GPU the host arrays are page-locked once so both copies are
-plain DMA. (Keeping the device copy as the master and copying back only when
-the host reads it would need a hook in the callers: they read the arrays
-directly.) Inputs (x, lengths, hx, targets) may be NumPy arrays or CUDA
-device arrays (numba or anything with ``__cuda_array_interface__``).
+parameters, the optimizer moments), and to the user those are the parameters.
+``train_step`` keeps the newest copy on the device between steps: it uploads
+the host arrays only when the device copy is not current (first step, after
+a host-side write such as load_state_dict, after another TrainStep changed
+them), and after a step it registers itself with fastrnn/_mirror.py as the
+holder of newer parameters instead of copying them back. Any host-side access
+(state_dict, parameters(), save, forward, another backend call) first makes
+the holder copy them back (``_Ctx.pull``). What comes back per step is five
+numbers (loss, norm, clipped, skipped, scale) and the final state. While the
+user holds views from ``parameters()`` (they may be read or written at any
+moment) the step falls back to mirroring: upload before, copy back after.
+Device buffers (parameters, gradient, moments, workspace) live in the
+``ctx`` dict the caller passes and are reused while the shape is the same;
+with a GPU the host arrays are page-locked once so both copies are plain DMA.
+Inputs (x, lengths, hx, targets) may be NumPy arrays or CUDA device arrays
+(numba or anything with ``__cuda_array_interface__``).
 
 Kernels compile on first use (cached on disk); precompile() compiles all of
 them for the argument types of kernel_signatures() ahead of time.
@@ -76,10 +81,14 @@ import warnings
 
 import numpy as np
 
+from .. import _mirror
 from .._spec import out_offsets, param_offsets
+from .._validate import DeviceSeq
 from . import ctx_state
 
 name = "cuda"
+# the layers hand device arrays over in place (as _validate.DeviceSeq)
+DEVICE_INPUTS = True
 
 try:
     _HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
@@ -479,6 +488,44 @@ def _range_kernel(a, lo, hi, out):
         v = a[i]
         if v < lo or v >= hi:
             cuda.atomic.add(out, 0, 1)
+
+
+@_kernel
+def _relayout1_kernel(src, dst):
+    """dst[i] = src[i], converted to dst's dtype (src may be strided)."""
+    for i in range(cuda.grid(1), dst.shape[0], cuda.gridsize(1)):
+        dst[i] = src[i]
+
+
+@_kernel
+def _relayout2_kernel(src, dst, swap, lengths, mask):
+    """dst[t, b] = src[b, t] (swap) or src[t, b], converted to dst's dtype;
+    0 where mask and t >= lengths[b] (padding targets are ignored)."""
+    n1 = dst.shape[1]
+    for i in range(cuda.grid(1), dst.shape[0] * n1, cuda.gridsize(1)):
+        t = i // n1
+        b = i - t * n1
+        if mask != 0 and t >= lengths[b]:
+            dst[t, b] = 0
+        elif swap != 0:
+            dst[t, b] = src[b, t]
+        else:
+            dst[t, b] = src[t, b]
+
+
+@_kernel
+def _relayout3_kernel(src, dst, swap):
+    """dst[t, b, k] = src[b, t, k] (swap) or src[t, b, k], converted."""
+    n1, n2 = dst.shape[1], dst.shape[2]
+    for i in range(cuda.grid(1), dst.shape[0] * n1 * n2, cuda.gridsize(1)):
+        t = i // (n1 * n2)
+        r = i - t * n1 * n2
+        b = r // n2
+        k = r - b * n2
+        if swap != 0:
+            dst[t, b, k] = src[b, t, k]
+        else:
+            dst[t, b, k] = src[t, b, k]
 
 
 # ============================================================================
@@ -1127,24 +1174,63 @@ def kernel_signatures(dtype):
     }
 
 
+def relayout_signatures(dtype):
+    """[(kernel, argument types)] of the relayout kernels that read device
+    inputs in place, for C-contiguous inputs already of the model's dtype
+    (floats) or int64 (ids), and the other float dtype and int32 ids
+    (converted). Other input types (strided, ...) compile on first use."""
+    from numba import types as nt
+    from numba.np.numpy_support import from_dtype
+    f = from_dtype(np.dtype(dtype))
+    other = nt.float32 if f == nt.float64 else nt.float64
+    A2, A3 = nt.Array(f, 2, "C"), nt.Array(f, 3, "C")
+    I1, I2 = nt.Array(nt.int64, 1, "C"), nt.Array(nt.int64, 2, "C")
+    i8 = nt.int64
+    return [(_relayout3_kernel, (A3, A3, i8)),
+            (_relayout3_kernel, (nt.Array(other, 3, "C"), A3, i8)),   # converts
+            (_relayout2_kernel, (I2, I2, i8, I1, i8)),
+            (_relayout2_kernel, (nt.Array(nt.int32, 2, "C"), I2, i8, I1, i8)),
+            (_relayout2_kernel, (A2, A2, i8, I1, i8)),
+            (_relayout1_kernel, (I1, I1))]
+
+
 def precompile(dtypes=(np.float32, np.float64)):
     """Compile every kernel for these dtypes now (on a GPU; a no-op in the
     simulator), instead of on the first training step."""
     if SIM or cuda is None:
         return
     for dt in dtypes:
-        for kern, sig in kernel_signatures(dt).items():
+        for kern, sig in list(kernel_signatures(dt).items()) + relayout_signatures(dt):
             kern.compile(sig)
 
 
 def _is_device_array(a):
-    return cuda is not None and (getattr(a, "__cuda_ndarray__", False)
+    return cuda is not None and (isinstance(a, DeviceSeq)
+                                 or getattr(a, "__cuda_ndarray__", False)
                                  or hasattr(a, "__cuda_array_interface__"))
 
 
-def _put(dst, a, what):
+def _put(dst, a, what, lengths=None, mask=False):
     """Copy host or device array ``a`` into the device buffer ``dst`` (same
-    number of elements); a device array must already have dst's dtype."""
+    number of elements); a device array must already have dst's dtype. A
+    DeviceSeq (a device array the layers validated) is read in place by one
+    kernel that swaps its first two axes if asked, converts its dtype and,
+    with mask, zeroes the entries of padding steps (t >= lengths[b]; lengths
+    is the device copy, needed for 2-D arrays).
+    Returns whether ``a`` came from the device (its values are unchecked)."""
+    if isinstance(a, DeviceSeq):
+        src = a.array
+        if not getattr(src, "__cuda_ndarray__", False):
+            src = cuda.as_cuda_array(src)
+        d = dst.reshape(a.shape)
+        n = _grid1(a.size)
+        if a.ndim == 1:
+            _launch(_relayout1_kernel, n, TPB, (src, d))
+        elif a.ndim == 2:
+            _launch(_relayout2_kernel, n, TPB, (src, d, int(a.swap), lengths, int(mask)))
+        else:
+            _launch(_relayout3_kernel, n, TPB, (src, d, int(a.swap)))
+        return True
     if _is_device_array(a):
         if not getattr(a, "__cuda_ndarray__", False):
             a = cuda.as_cuda_array(a)
@@ -1164,13 +1250,31 @@ def _put(dst, a, what):
 
 class _Ctx:
     """Per-caller device state: the workspace for the last shape, and the
-    parameter, gradient and moment buffers. Kept in the caller's ctx dict."""
+    parameter, gradient and moment buffers. Kept in the caller's ctx dict.
+
+    train_step's device copies: ``cur`` is the key of the host state they
+    equal (host buffers' _mirror records and versions) or None; ``held`` the
+    host arrays (flat, opt_state or None) the device copies are newer than,
+    or None."""
 
     def __init__(self):
         self.key = None
         self.pkey = None
         self.w = {}
         self.pins = {}
+        self.cur = None
+        self.held = None
+
+    def pull(self):
+        """Copy the newer parameters (and moments) back to the host arrays."""
+        if self.held is None:
+            return
+        flat, opt = self.held
+        self.held = None
+        _mirror.drop(self)
+        self.P.copy_to_host(flat)
+        if opt is not None:
+            self.M.copy_to_host(opt)
 
 
 def _ctx(ctx):
@@ -1186,6 +1290,8 @@ def _prepare(c, spec, dtype, T, B, tok):
     dtype = np.dtype(dtype)
     key = (spec, dtype, T, B, tok)
     if c.pkey != (spec, dtype):
+        c.pull()
+        c.cur = None
         n = spec._n_total
         c.P = cuda.device_array(n, dtype=dtype)
         c.G = cuda.device_array(n, dtype=dtype)
@@ -1236,23 +1342,25 @@ def _check_range(w, dev, n, lo, hi, what):
         raise ValueError(f"{what}: {bad} value(s) outside [{lo}, {hi - 1}]")
 
 
-def _inputs(c, spec, flat, x, lengths, state0):
-    """Workspace for this call with the parameters, x, lengths and state0 on
-    the device. Returns (w, T, B, tok)."""
+def _inputs(c, spec, flat, x, lengths, state0, upload=True):
+    """Workspace for this call with (unless upload is False) the
+    parameters, and x, lengths and state0 on the device. Returns (w, T, B, tok)."""
     T, B = int(x.shape[0]), int(x.shape[1])
     tok = np.dtype(x.dtype).kind in "iu"
     w = _prepare(c, spec, flat.dtype, T, B, tok)
-    c.P.copy_to_device(flat)
-    if tok:
-        if _is_device_array(x) and np.dtype(x.dtype) != np.int64:
-            raise TypeError(f"x: token ids on the device must be int64, got {x.dtype}")
-        if _put(w["TOK"], x, "x"):
-            _check_range(w, w["TOK"], T * B, 0, spec.I, "x: token ids")
-    else:
-        _put(w["X"], x, "x")
+    if upload:
+        c.P.copy_to_device(flat)
     if _put(w["LEN"], lengths if _is_device_array(lengths)
             else np.asarray(lengths, dtype=np.int64), "lengths"):
         _check_range(w, w["LEN"], B, 1, T + 1, "lengths")
+    if tok:
+        if (_is_device_array(x) and not isinstance(x, DeviceSeq)
+                and np.dtype(x.dtype) != np.int64):
+            raise TypeError(f"x: token ids on the device must be int64, got {x.dtype}")
+        if _put(w["TOK"], x, "x", w["LEN"]):
+            _check_range(w, w["TOK"], T * B, 0, spec.I, "x: token ids")
+    else:
+        _put(w["X"], x, "x")
     _put(w["ST0"], state0, "state0")
     return w, T, B, tok
 
@@ -1464,16 +1572,18 @@ def _targets(w, spec, y, T, B):
     R = B if spec.readout == "last" else T * B
     if spec.loss == "cross_entropy":
         dev = _is_device_array(y)
-        if dev and np.dtype(y.dtype) != np.int64:
+        if dev and not isinstance(y, DeviceSeq) and np.dtype(y.dtype) != np.int64:
             raise TypeError(f"y: class ids on the device must be int64, got {y.dtype}")
-        if _put(w["YI"][:R], y if dev else np.asarray(y, dtype=np.int64), "y"):
+        # ids at padding steps are ignored: zeroed before the range check
+        if _put(w["YI"][:R], y if dev else np.asarray(y, dtype=np.int64), "y",
+                w["LEN"], mask=spec.readout == "all"):
             _check_range(w, w["YI"][:R], R, 0, spec.O, "y: class ids")
     else:
-        _put(w["YF"][:R], y, "y")
+        _put(w["YF"][:R], y, "y", w["LEN"])
 
 
-def _loss_and_grad(c, spec, flat, x, lengths, state0, y, *, flow, sclip):
-    w, T, B, tok = _inputs(c, spec, flat, x, lengths, state0)
+def _loss_and_grad(c, spec, flat, x, lengths, state0, y, *, flow, sclip, upload=True):
+    w, T, B, tok = _inputs(c, spec, flat, x, lengths, state0, upload)
     _targets(w, spec, y, T, B)
     path = choose_path(spec, B, flat.dtype)
     _forward(c, w, spec, T, B, tok, path)
@@ -1485,12 +1595,38 @@ def _loss_and_grad(c, spec, flat, x, lengths, state0, y, *, flow, sclip):
     return w, T, B, R
 
 
+def _sync_params(c, flat, opt_state, nmom):
+    """Make the device copies of the parameters (and, when the optimizer has
+    moments, of opt_state) current before a step. Returns whether the user
+    holds views of the host arrays (then they must be copied back after)."""
+    ef = _mirror.entry(flat)
+    eo = _mirror.entry(opt_state) if nmom else None
+    for e in (ef, eo):   # newer copies held elsewhere (another TrainStep)
+        if e is not None and e.holder is not None and e.holder is not c:
+            e.holder.pull()
+    viewed = _mirror.exported(flat) or (nmom and _mirror.exported(opt_state))
+    cur = (ef, ef.version, eo, eo.version if eo is not None else None)
+    elsewhere = c.held is not None and c.held[0] is not flat
+    if viewed or c.cur != cur or elsewhere:
+        c.pull()
+        _pin(c, flat)
+        c.P.copy_to_device(flat)
+        if nmom:
+            _pin(c, opt_state)
+            c.M.copy_to_device(np.ascontiguousarray(opt_state))
+        # views may write the host arrays at any time, unseen: never current
+        c.cur = None if viewed else cur
+    return viewed
+
+
 def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
                hyper, clip, limit, state_clip, ctx=None):
-    """One training step on the device. flat and opt_state (host arrays) are
-    uploaded first and, unless the step is skipped, updated in place from
-    the device before returning. Returns dict(loss, grad_norm, clipped,
-    skipped, state_n (host), grad (a device array: copy_to_host() on demand))."""
+    """One training step on the device. The parameters (flat) and optimizer
+    moments (opt_state) stay on the device afterwards: this ctx becomes their
+    holder in fastrnn/_mirror.py and copies them back when the host asks
+    (``_Ctx.pull``), or at once while the user holds views of them.
+    Returns dict(loss, grad_norm, clipped, skipped, state_n (host),
+    grad (a device array: copy_to_host() on demand))."""
     c = _ctx(ctx)
     T, B = int(x.shape[0]), int(x.shape[1])
     tok = np.dtype(x.dtype).kind in "iu"
@@ -1502,12 +1638,9 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
     # which moment rows the optimizer uses: SGD with momentum and Adagrad one,
     # Adam two, plain SGD none
     nmom = {0: 1 if hyper.get("momentum", 0.0) else 0, 1: 2, 2: 1}[kind]
-    _pin(c, flat)
-    if nmom:
-        _pin(c, opt_state)
-        c.M.copy_to_device(np.ascontiguousarray(opt_state))
+    viewed = _sync_params(c, flat, opt_state, nmom)
     w, T, B, R = _loss_and_grad(c, spec, flat, x, lengths, state0, y, flow=False,
-                                sclip=state_clip)
+                                sclip=state_clip, upload=False)
     Gr = c.G
     lim = 0.0 if limit is None else float(limit)
     nblk = max(1, min(NRED, w["PART"].shape[0], (n + TPB - 1) // TPB))
@@ -1524,9 +1657,13 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
     res = w["RES"].copy_to_host()
     skipped = bool(res[3])
     if not skipped:
-        c.P.copy_to_host(flat)
-        if nmom:
-            c.M.copy_to_host(opt_state)
+        c.held = (flat, opt_state if nmom else None)
+        if viewed:
+            c.pull()
+        else:
+            _mirror.hold(flat, c)
+            if nmom:
+                _mirror.hold(opt_state, c)
     return dict(loss=float(res[0]), grad_norm=float(res[1]), clipped=bool(res[2]),
                 skipped=skipped, state_n=w["STN"].copy_to_host(), grad=Gr)
 
