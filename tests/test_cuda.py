@@ -534,6 +534,22 @@ def test_no_update_is_lost_when_the_train_step_goes_away(tmp_path):
 
 
 @needs_cuda
+def test_a_model_with_parameters_on_the_device_can_be_garbage_collected():
+    import gc
+    import weakref
+
+    from fastrnn import _mirror
+    model, step, data = _resident_setup("cuda")
+    step(*data[0])
+    buf, ctx = weakref.ref(model._buf), weakref.ref(step._ctx["cuda"])
+    assert _mirror.entry(model._buf).holder is step._ctx["cuda"]
+    n = len(_mirror._entries)
+    del model, step
+    gc.collect()
+    assert buf() is None and ctx() is None and len(_mirror._entries) < n
+
+
+@needs_cuda
 def test_views_from_parameters_see_every_step_and_are_seen():
     """While views from parameters() are alive the host must stay current
     (they can be read at any time) and writes through them must reach the

@@ -54,8 +54,7 @@ numbers (loss, norm, clipped, skipped, scale) and the final state. While the
 user holds views from ``parameters()`` (they may be read or written at any
 moment) the step falls back to mirroring: upload before, copy back after.
 Device buffers (parameters, gradient, moments, workspace) live in the
-``ctx`` dict the caller passes and are reused while the shape is the same;
-with a GPU the host arrays are page-locked once so both copies are plain DMA.
+``ctx`` dict the caller passes and are reused while the shape is the same.
 Inputs (x, lengths, hx, targets) may be NumPy arrays or CUDA device arrays
 (numba or anything with ``__cuda_array_interface__``).
 
@@ -78,6 +77,7 @@ import math
 import os
 import sys
 import warnings
+import weakref
 
 import numpy as np
 
@@ -1253,15 +1253,16 @@ class _Ctx:
     parameter, gradient and moment buffers. Kept in the caller's ctx dict.
 
     train_step's device copies: ``cur`` is the key of the host state they
-    equal (host buffers' _mirror records and versions) or None; ``held`` the
-    host arrays (flat, opt_state or None) the device copies are newer than,
-    or None."""
+    equal (host buffers' _mirror records and versions) or None; ``held``
+    weak references to the host arrays (flat, opt_state or None) the device
+    copies are newer than, or None. Weak: _mirror's record of this holder
+    lives as long as the host array, so a strong one would keep both alive
+    for ever; once the array is gone nobody can ask for it."""
 
     def __init__(self):
         self.key = None
         self.pkey = None
         self.w = {}
-        self.pins = {}
         self.cur = None
         self.held = None
 
@@ -1269,10 +1270,11 @@ class _Ctx:
         """Copy the newer parameters (and moments) back to the host arrays."""
         if self.held is None:
             return
-        flat, opt = self.held
+        flat, opt = (r() if r is not None else None for r in self.held)
         self.held = None
         _mirror.drop(self)
-        self.P.copy_to_host(flat)
+        if flat is not None:
+            self.P.copy_to_host(flat)
         if opt is not None:
             self.M.copy_to_host(opt)
 
@@ -1297,7 +1299,6 @@ def _prepare(c, spec, dtype, T, B, tok):
         c.G = cuda.device_array(n, dtype=dtype)
         c.M = None
         c.pkey = (spec, dtype)
-        c.pins = {}
     if c.key == key:
         return c.w
     L, D, H, I, S, O = spec.L, spec.D, spec.H, spec.I, spec.S, max(spec.O, 1)
@@ -1508,20 +1509,6 @@ def _backward(c, w, spec, T, B, tok, path, dl, *, want_dx, flow, sclip):
     return dx
 
 
-def _pin(c, a):
-    """Page-lock a host array once (GPU only), so copies are plain DMA. The
-    registration lasts as long as the ctx (it keeps the array alive)."""
-    key = (a.ctypes.data, a.nbytes)
-    if SIM or key in c.pins:
-        return
-    try:
-        from numba.cuda.cudadrv import driver
-        c.pins[key] = cuda.current_context().mempin(
-            a, driver.host_pointer(a), driver.host_memory_size(a), mapped=False)
-    except Exception:   # already registered elsewhere, or not allowed: copies
-        c.pins[key] = None   # from pageable memory still work
-
-
 def core_forward(spec, flat, x, lengths, state0, ctx=None):
     """Returns out (T, B, D*H), state_n (S, L*D, B, H) as host arrays and a
     cache for core_backward (the workspace stays on the device)."""
@@ -1606,13 +1593,11 @@ def _sync_params(c, flat, opt_state, nmom):
             e.holder.pull()
     viewed = _mirror.exported(flat) or (nmom and _mirror.exported(opt_state))
     cur = (ef, ef.version, eo, eo.version if eo is not None else None)
-    elsewhere = c.held is not None and c.held[0] is not flat
+    elsewhere = c.held is not None and c.held[0]() is not flat
     if viewed or c.cur != cur or elsewhere:
         c.pull()
-        _pin(c, flat)
         c.P.copy_to_device(flat)
         if nmom:
-            _pin(c, opt_state)
             c.M.copy_to_device(np.ascontiguousarray(opt_state))
         # views may write the host arrays at any time, unseen: never current
         c.cur = None if viewed else cur
@@ -1657,7 +1642,7 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
     res = w["RES"].copy_to_host()
     skipped = bool(res[3])
     if not skipped:
-        c.held = (flat, opt_state if nmom else None)
+        c.held = (weakref.ref(flat), weakref.ref(opt_state) if nmom else None)
         if viewed:
             c.pull()
         else:
