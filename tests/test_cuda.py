@@ -668,3 +668,21 @@ def test_bad_device_arrays_through_the_public_api():
         step(cuda.to_device(x), cuda.to_device(np.zeros((4, 2))))
     r = step(cuda.to_device(x), cuda.to_device(np.ones((4, 2), dtype=np.int64)))
     assert np.isfinite(r.loss) and step.steps == 1
+
+
+@needs_cuda
+def test_host_backends_copy_device_arrays_to_the_host():
+    from numba import cuda
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 2, 3))
+    y = rng.integers(0, 2, (3, 2))
+    for backend in ("numpy", "numba"):
+        model = fr.SequenceModel(fr.RNN(3, 4, dtype=np.float64, seed=0,
+                                        backend=backend), 2)
+        step = fr.TrainStep(model, fr.SGD(0.1))
+        z_host, _ = model(x)
+        z_dev, _ = model(cuda.to_device(x))
+        np.testing.assert_array_equal(z_dev, z_host)
+        r = step(cuda.to_device(x), cuda.to_device(y), lengths=cuda.to_device(np.array([3, 1])))
+        assert np.isfinite(r.loss)
