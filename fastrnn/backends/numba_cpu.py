@@ -22,6 +22,13 @@ Design (see DESIGN.md):
 - The per-step recurrent product is a register-blocked loop (4 rows share
   each row of W_hh; no transpose) up to SMALL_MACS on one chunk and always
   inside chunks (CHUNK_MACS), BLAS beyond.
+- Optional Intel MKL (the `mkl` extra, backends/_mkl.py; FASTRNN_MKL=0
+  turns it off, =1 requires it): inside chunks, the per-step products call
+  cblas_?gemm (or the packed API, MKL_PACKED) where it measured faster than
+  the loops (``mkl_paths``: chunks of >= 8 rows). The kernels get MKL's
+  function addresses as int64 numbers in cfg and call them through
+  intrinsics, so numba's on-disk cache keeps working; each chunk sets MKL
+  to one thread for its own thread.
 - Derivatives come from saved outputs (tanh' = 1 - h^2, sigmoid' = s(1-s)).
 - Float32 activations run once per step over whole blocks with a vectorised
   exp-based form (``_act_block``, ``_expm1_f32_row``) within a few float32
@@ -35,20 +42,29 @@ Shapes inside the kernels:
   (forward direction) or HX[T+1] (reverse direction)
 """
 import math
+import os
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
-from . import ctx_state
+from . import _mkl, ctx_state
 
 name = "numba"
 
 # ---- cfg header indices ----------------------------------------------------
 C_T, C_B, C_I, C_H, C_L, C_D, C_MODE, C_BIAS, C_TOK, C_O, C_READOUT, C_LOSS, \
     C_OPT, C_CLIP, C_SCLIP, C_STEP, C_FAST, C_SMALL, C_WOUT, C_BOUT, C_NC, \
-    C_NCG, C_PAR = range(23)
+    C_NCG, C_PAR, C_MKL, C_MKL_GEMM, C_MKL_PACK, C_MKL_COMP, C_MKL_PACKN, \
+    C_MKL_LOCAL = range(29)
 C_POFF = 32            # poff (L*D, 4) flattened from here
+# cfg[C_MKL:C_MKL + 6] is what the recurrences get of MKL ("mk"): flags (which
+# products call MKL), the addresses of cblas_?gemm, cblas_?gemm_pack,
+# cblas_?gemm_compute for the dtype, the size (elements) of one chunk's slot
+# in the workspace section PACK, the address of MKL_Set_Num_Threads_Local.
+MK_FWD, MK_BWD, MK_PACKED = 1, 2, 4
 # ---- fcfg indices ----------------------------------------------------------
 F_LR, F_MOM, F_B1, F_B2, F_EPS, F_LIMIT, F_SCLIP = range(7)
 # ---- result indices --------------------------------------------------------
@@ -68,18 +84,95 @@ CHUNK_MACS = 1 << 62
 MAX_SPLIT = 4
 
 
+# ---- the GEMM engine of the per-step products ------------------------------
+# FASTRNN_MKL: unset/"auto" uses MKL when it loads (the `mkl` extra), "0"
+# never, "1" requires it (the first kernel call raises if it is missing).
+_MKL_ENV = os.environ.get("FASTRNN_MKL", "").strip().lower()
+_MKL_OFF = _MKL_ENV in ("0", "false", "no", "off")
+_MKL_REQUIRED = _MKL_ENV in ("1", "true", "yes", "on")
+_MKL_ENV_BAD = not (_MKL_OFF or _MKL_REQUIRED or _MKL_ENV in ("", "auto"))
+if _MKL_OFF or _MKL_ENV_BAD:
+    _MKL, _MKL_WHY = None, f"FASTRNN_MKL={os.environ.get('FASTRNN_MKL')}"
+else:
+    _ok, _MKL_WHY = _mkl.status()
+    _MKL = _mkl.load() if _ok else None
+# "mkl" or "default" (register-blocked loops and OpenBLAS); set_gemm changes it
+_GEMM = "mkl" if _MKL is not None else "default"
+# With the engine "mkl", the per-step products of the chunked recurrences
+# (one core each, B >= 2) call MKL where it measured faster than the
+# register-blocked loops on the 2-core AMD EPYC dev machine, by the chunk's
+# batch rows m and H (benchmarks/results/mkl_crossover.txt: both chunks at
+# once, T=100, LSTM and RNN shapes). Below 8 rows the loops win everywhere.
+#   forward  h_{t-1} W_hh^T: MKL at m >= 8 with H <= 64 (LSTM H=32, m=32:
+#            122 against 67 GFLOP/s over 2 cores), and at m >= 32 with
+#            H <= 256; the loops at H = 512 (134-140 against 120-127).
+#   backward dgates W_hh:    MKL at m >= 16 (118-138 against 94-98), and at
+#            m >= 8 with H <= 256; even at m = 8, H = 512.
+# The one-off products stay on OpenBLAS: single-threaded it ran them at
+# 55-92 GFLOP/s, MKL at 27-78 (the weight gradient 3200 x 2048 x 512: 88
+# against 71). The packed API (W_hh packed once per call, reused for the T
+# steps) measured no better than plain ?gemm here (within +-10%, worse at
+# H = 512), so it is off by default; MKL_PACKED = True turns it on.
+MKL_PACKED = False
+# tests: force these MK_* flags at every split shape (None: the rules above)
+MKL_FORCE = None
+
+
+def mkl_paths(m, H):
+    """MK_* flags: which per-step products use MKL for chunks of m rows."""
+    if MKL_FORCE is not None:
+        return MKL_FORCE
+    f = 0
+    if (m >= 8 and H <= 64) or (m >= 32 and H <= 256):
+        f |= MK_FWD
+    if m >= 16 or (m >= 8 and H <= 256):
+        f |= MK_BWD
+    if f and MKL_PACKED:
+        f |= MK_PACKED
+    return f
+
+
+def set_gemm(engine):
+    """Choose the engine of the per-step products for this process: "mkl"
+    or "default" (built-in loops, OpenBLAS); returns the previous one.
+    "mkl" raises RuntimeError when MKL is not usable."""
+    global _GEMM
+    if engine not in ("mkl", "default"):
+        raise ValueError(f"engine: expected 'mkl' or 'default', got {engine!r}")
+    if engine == "mkl" and _MKL is None:
+        raise RuntimeError(f"MKL is not usable: {_MKL_WHY}")
+    prev, _GEMM = _GEMM, engine
+    return prev
+
+
+def gemm_engine():
+    """'mkl (packed)', 'mkl' or 'default': the engine of the per-step
+    products (MKL where mkl_paths says so, the loops elsewhere)."""
+    if _GEMM == "mkl":
+        return "mkl (packed)" if MKL_PACKED else "mkl"
+    return "default"
+
+
 def available():
-    return True, "numba imported"
+    if _GEMM == "mkl":
+        gemm = (f"gemm: {gemm_engine()} for the per-step products of batch "
+                "chunks of >= 8 rows where it measured faster, built-in loops "
+                f"and OpenBLAS for the rest [{_MKL.describe()}]")
+    elif _MKL_REQUIRED:
+        gemm = f"gemm: MKL required (FASTRNN_MKL=1) but not usable: {_MKL_WHY}"
+    else:
+        gemm = f"gemm: built-in loops and OpenBLAS (MKL not used: {_MKL_WHY})"
+    return True, "numba imported; " + gemm
 
 
 # ============================================================================
 # workspace
 # ============================================================================
 @njit(cache=True)
-def _sections(T, B, I, H, L, D, G, O, lstm, tok, ncg):
+def _sections(T, B, I, H, L, D, G, O, lstm, tok, ncg, npack):
     """Sizes (in elements) of the workspace sections, in order."""
     W = max(I, D * H)
-    s = np.zeros(17, dtype=np.int64)
+    s = np.zeros(18, dtype=np.int64)
     s[0] = L * D * (T + 2) * B * H            # HX: hidden states
     s[1] = L * D * (T + 2) * B * H * lstm     # CX: cell states
     s[2] = L * D * T * B * G * H * lstm       # GATES: i, f, g, o activations
@@ -97,6 +190,7 @@ def _sections(T, B, I, H, L, D, G, O, lstm, tok, ncg):
     s[14] = T * B * O                         # DZ
     s[15] = B * D * H                         # HLAST
     s[16] = 2 * T * B * O                     # ZS: exp scratch of the loss
+    s[17] = npack                             # PACK: MKL packed W_hh, per chunk
     return s
 
 
@@ -108,8 +202,8 @@ def _section(ws, sizes, j):
     return ws[off:off + sizes[j]]
 
 
-def workspace_size(T, B, I, H, L, D, G, O, lstm, tok, ncg):
-    return int(_sections(T, B, I, H, L, D, G, O, lstm, tok, ncg).sum())
+def workspace_size(T, B, I, H, L, D, G, O, lstm, tok, ncg, npack=0):
+    return int(_sections(T, B, I, H, L, D, G, O, lstm, tok, ncg, npack).sum())
 
 
 # ============================================================================
@@ -317,6 +411,185 @@ def _mm(A, Bm, C, small):
         m += 1
 
 
+# ---- MKL, called from the kernels through function addresses ---------------
+# numba cannot cache a function that embeds a ctypes function pointer as a
+# global, so the addresses of the MKL functions (backends/_mkl.py) travel in
+# cfg as int64 numbers and are called through these intrinsics (inttoptr +
+# call). Sizes are passed as 32-bit ints (MKL's LP64 interface, which _mkl
+# sets), alpha and beta in the arrays' precision; layout is row-major.
+_CBLAS_ROW_MAJOR = 101
+_NO_TRANS, _TRANS, _PACKED = _mkl.NO_TRANS, _mkl.TRANS, _mkl.PACKED
+_B_MATRIX = _mkl.B_MATRIX
+
+
+def _llvm_float(dt):
+    return ir.FloatType() if dt == types.float32 else ir.DoubleType()
+
+
+def _ptr_arg(context, builder, aryty, ary):
+    a = context.make_array(aryty)(context, builder, ary)
+    return builder.bitcast(a.data, ir.IntType(8).as_pointer())
+
+
+def _c_call(context, builder, sig, args, kinds, dt):
+    """Call the function at address args[0] with the C types of `kinds`
+    ('i' int32, 'f' float of dt, 'p' data pointer of an array) for
+    args[1:], after the row-major layout constant."""
+    i32 = ir.IntType(32)
+    fl = _llvm_float(dt)
+    vp = ir.IntType(8).as_pointer()
+    lty = {"i": i32, "f": fl, "p": vp}
+    fnty = ir.FunctionType(ir.VoidType(), [i32] + [lty[k] for k in kinds])
+    fn = builder.inttoptr(args[0], fnty.as_pointer())
+    vals = [ir.Constant(i32, _CBLAS_ROW_MAJOR)]
+    for j, k in enumerate(kinds, start=1):
+        if k == "i":
+            v = context.cast(builder, args[j], sig.args[j], types.int64)
+            vals.append(builder.trunc(v, i32))
+        elif k == "f":
+            vals.append(context.cast(builder, args[j], sig.args[j], dt))
+        else:
+            vals.append(_ptr_arg(context, builder, sig.args[j], args[j]))
+    builder.call(fn, vals)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _mkl_gemm(typingctx, addr, ta, tb, m, n, k, alpha, A, lda, Bm, ldb, beta,
+              C, ldc):
+    """cblas_?gemm(RowMajor, ta, tb, m, n, k, alpha, A, lda, Bm, ldb, beta,
+    C, ldc) at address addr; A, Bm, C: arrays (their first element)."""
+    sig = types.void(addr, ta, tb, m, n, k, alpha, A, lda, Bm, ldb, beta, C,
+                     ldc)
+
+    def codegen(context, builder, sig, args):
+        return _c_call(context, builder, sig, args, "iiiiifpipifpi", C.dtype)
+    return sig, codegen
+
+
+@intrinsic
+def _mkl_pack(typingctx, addr, ident, trans, m, n, k, alpha, src, ld, dest):
+    """cblas_?gemm_pack(RowMajor, ident, trans, m, n, k, alpha, src, ld,
+    dest) at address addr."""
+    sig = types.void(addr, ident, trans, m, n, k, alpha, src, ld, dest)
+
+    def codegen(context, builder, sig, args):
+        return _c_call(context, builder, sig, args, "iiiiifpip", src.dtype)
+    return sig, codegen
+
+
+@intrinsic
+def _mkl_compute(typingctx, addr, ta, tb, m, n, k, A, lda, Bm, ldb, beta, C,
+                 ldc):
+    """cblas_?gemm_compute(RowMajor, ta, tb, m, n, k, A, lda, Bm, ldb, beta,
+    C, ldc) at address addr (Bm packed when tb is CblasPacked)."""
+    sig = types.void(addr, ta, tb, m, n, k, A, lda, Bm, ldb, beta, C, ldc)
+
+    def codegen(context, builder, sig, args):
+        return _c_call(context, builder, sig, args, "iiiiipipifpi", C.dtype)
+    return sig, codegen
+
+
+@intrinsic
+def _mkl_threads_local(typingctx, addr, n):
+    """MKL_Set_Num_Threads_Local(n) at address addr: MKL's thread count for
+    the calling thread only (0: back to the global setting); returns the
+    previous one."""
+    sig = types.int64(addr, n)
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(i32, [i32])
+        fn = builder.inttoptr(args[0], fnty.as_pointer())
+        v = context.cast(builder, args[1], sig.args[1], types.int64)
+        r = builder.call(fn, [builder.trunc(v, i32)])
+        return builder.sext(r, ir.IntType(64))
+    return sig, codegen
+
+
+@njit(cache=True)
+def _mkl_enter(mk):
+    """In a chunk (one core): MKL on this thread only, one thread. Returns
+    the previous thread-local setting for _mkl_exit."""
+    if mk[0] == 0:
+        return 0
+    return _mkl_threads_local(mk[5], 1)
+
+
+@njit(cache=True)
+def _mkl_exit(mk, prev):
+    if mk[0] != 0:
+        _mkl_threads_local(mk[5], prev)
+
+
+@intrinsic
+def _data_address(typingctx, A):
+    """The address of an array's first element, as int64."""
+    sig = types.int64(A)
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.ptrtoint(a.data, ir.IntType(64))
+    return sig, codegen
+
+
+@njit(cache=True)
+def _pack_slot(pack, mk, c):
+    """Chunk c's slot of the workspace section PACK, aligned to 64 bytes."""
+    n = mk[4]
+    slot = pack[c * n:(c + 1) * n]
+    isz = pack.itemsize
+    skip = ((64 - _data_address(slot) % 64) % 64) // isz
+    return slot[skip:]
+
+
+@njit(cache=True)
+def _mkl_pack_w(mk, W, m, fwd, pbuf):
+    """Pack W_hh (GH, H) once for the per-step products of a chunk of m rows:
+    forward as op(B) = W_hh.T (C += A @ W_hh.T), backward as op(B) = W_hh
+    (C = A @ W_hh). Nothing when those products do not use packed MKL."""
+    GH, H = W.shape
+    if fwd and (mk[0] & MK_FWD) and (mk[0] & MK_PACKED):
+        _mkl_pack(mk[2], _B_MATRIX, _TRANS, m, GH, H, 1.0, W, H, pbuf)
+    elif not fwd and (mk[0] & MK_BWD) and (mk[0] & MK_PACKED):
+        _mkl_pack(mk[2], _B_MATRIX, _NO_TRANS, m, H, GH, 1.0, W, H, pbuf)
+
+
+@njit(cache=True)
+def _step_nt(mk, A, W, C, tmp, small, pbuf):
+    """The forward per-step product C += A @ W.T (A: (m, H) rows of h_{t-1},
+    W: W_hh (GH, H), C: (m, GH)): MKL (packed W from _mkl_pack_w, or plain
+    sgemm) when mk says so, else _addmm_nt."""
+    if mk[0] & MK_FWD:
+        M, K = A.shape
+        N = W.shape[0]
+        if mk[0] & MK_PACKED:
+            _mkl_compute(mk[3], _NO_TRANS, _PACKED, M, N, K, A, K, pbuf, K,
+                         1.0, C, N)
+        else:
+            _mkl_gemm(mk[1], _NO_TRANS, _TRANS, M, N, K, 1.0, A, K, W, K,
+                      1.0, C, N)
+        return
+    _addmm_nt(A, W, C, tmp, small)
+
+
+@njit(cache=True)
+def _step_nn(mk, A, W, C, small, pbuf):
+    """The backward per-step product C = A @ W (A: (m, GH) deltas, W: W_hh
+    (GH, H), C: (m, H)): MKL when mk says so, else _mm."""
+    if mk[0] & MK_BWD:
+        M, K = A.shape
+        N = W.shape[1]
+        if mk[0] & MK_PACKED:
+            _mkl_compute(mk[3], _NO_TRANS, _PACKED, M, N, K, A, K, pbuf, N,
+                         0.0, C, N)
+        else:
+            _mkl_gemm(mk[1], _NO_TRANS, _NO_TRANS, M, N, K, 1.0, A, K, W, N,
+                      0.0, C, N)
+        return
+    _mm(A, W, C, small)
+
+
 # ---- one-off products split over the cores ---------------------------------
 # BLAS is pinned to one thread while our kernels run (see _blas_one_thread):
 # its own worker threads would compete with numba's for the same two cores.
@@ -430,17 +703,19 @@ def _project(x, tok, W_ih, b_ih, b_hh, bias, dst, wt, nc, par):
 # ============================================================================
 @njit(cache=True)
 def _rnn_recur(mode, fast, small, rev, lengths, W_hh, HX, lout, col, co,
-               r0, r1):
+               r0, r1, mk, pbuf):
     """Elman RNN recurrence of one direction for batch rows [r0, r1).
 
     HX: (T+2, B, H) holds the input projection (+ biases) at HX[t+1] on
     entry and the states on exit (h0 already at HX[0] / HX[T+1] for the
     reverse direction); lout: (T, B, D*H) layer output, columns [col, col+H).
     Padding steps keep the state and output zeros. The activation runs once
-    per step over the chunk's whole (rows, H) block."""
+    per step over the chunk's whole (rows, H) block. mk, pbuf: MKL for the
+    per-step product (see _step_nt) and this chunk's packing buffer."""
     T = HX.shape[0] - 2
     H = HX.shape[2]
     n = r1 - r0
+    _mkl_pack_w(mk, W_hh, n, True, pbuf)
     tmp = np.empty(n * H, dtype=HX.dtype)
     fscr = np.empty(n * H, dtype=HX.dtype)
     ibuf = np.empty(n * H, dtype=np.int32)
@@ -448,7 +723,7 @@ def _rnn_recur(mode, fast, small, rev, lengths, W_hh, HX, lout, col, co,
         t = T - 1 - s if rev else s
         tp = t + 2 if rev else t
         C = HX[t + 1, r0:r1]
-        _addmm_nt(HX[tp, r0:r1], W_hh, C, tmp, small)
+        _step_nt(mk, HX[tp, r0:r1], W_hh, C, tmp, small, pbuf)
         A = C.reshape(n * H)
         _act_block(fast, mode == 1, A, A, co, fscr, ibuf)
         for b in range(r0, r1):
@@ -466,13 +741,14 @@ def _rnn_recur(mode, fast, small, rev, lengths, W_hh, HX, lout, col, co,
 
 @njit(cache=True)
 def _rnn_back_recur(mode, small, rev, lengths, W_hh, HX, dlout, col, dh,
-                    DELTA, sclip, use_sclip, flow, r0, r1):
+                    DELTA, sclip, use_sclip, flow, r0, r1, mk, pbuf):
     """BPTT of one direction for batch rows [r0, r1). dh (B, H) holds dL/dh_T
     on entry and dL/dh0 on exit; DELTA (T, B, H) receives dL/da_t. dlout:
     (T, B, D*H) gradient of the layer output (columns [col, col+H)); flow
     (T,) accumulates the squared norm of dL/dh_t of valid rows."""
     T = HX.shape[0] - 2
     H = dh.shape[1]
+    _mkl_pack_w(mk, W_hh, r1 - r0, False, pbuf)
     nxt = np.empty((r1 - r0, H), dtype=dh.dtype)
     for s in range(T):
         t = s if rev else T - 1 - s
@@ -495,7 +771,7 @@ def _rnn_back_recur(mode, small, rev, lengths, W_hh, HX, dlout, col, dh,
                 for j in range(H):
                     dl[j] = 0
         # dh_{t-1} = delta_t @ W_hh for valid rows; padding rows pass through
-        _mm(DELTA[t, r0:r1], W_hh, nxt, small)
+        _step_nn(mk, DELTA[t, r0:r1], W_hh, nxt, small, pbuf)
         for b in range(r0, r1):
             if t < lengths[b]:
                 dh[b] = nxt[b - r0]
@@ -503,7 +779,7 @@ def _rnn_back_recur(mode, small, rev, lengths, W_hh, HX, dlout, col, dh,
 
 @njit(cache=True)
 def _lstm_recur(fast, small, rev, lengths, W_hh, GATES, HX, CX, TC, lout,
-                col, co, cot, r0, r1):
+                col, co, cot, r0, r1, mk, pbuf):
     """LSTM recurrence of one direction for batch rows [r0, r1), gates in
     PyTorch's order (i, f, g, o). GATES: (T, B, 4H) holds the input
     projection (+ biases) on entry and the gate activations on exit; HX/CX:
@@ -513,6 +789,7 @@ def _lstm_recur(fast, small, rev, lengths, W_hh, GATES, HX, CX, TC, lout,
     T = HX.shape[0] - 2
     H = HX.shape[2]
     n = r1 - r0
+    _mkl_pack_w(mk, W_hh, n, True, pbuf)
     tmp = np.empty(n * 4 * H, dtype=HX.dtype)
     fscr = np.empty(n * 4 * H, dtype=HX.dtype)
     ibuf = np.empty(n * 4 * H, dtype=np.int32)
@@ -520,7 +797,7 @@ def _lstm_recur(fast, small, rev, lengths, W_hh, GATES, HX, CX, TC, lout,
         t = T - 1 - s if rev else s
         tp = t + 2 if rev else t
         Gt = GATES[t, r0:r1]
-        _addmm_nt(HX[tp, r0:r1], W_hh, Gt, tmp, small)
+        _step_nt(mk, HX[tp, r0:r1], W_hh, Gt, tmp, small, pbuf)
         A = Gt.reshape(n * 4 * H)
         _act_block(fast, False, A, A, co, fscr, ibuf)
         for b in range(r0, r1):
@@ -555,12 +832,13 @@ def _lstm_recur(fast, small, rev, lengths, W_hh, GATES, HX, CX, TC, lout,
 
 @njit(cache=True)
 def _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout, col,
-                     dh, dc, DELTA, sclip, use_sclip, flow, r0, r1):
+                     dh, dc, DELTA, sclip, use_sclip, flow, r0, r1, mk, pbuf):
     """BPTT of one LSTM direction for batch rows [r0, r1). dh, dc (B, H) hold
     dL/dh_T, dL/dc_T on entry and dL/dh0, dL/dc0 on exit; DELTA (T, B, 4H)
     receives dL/d(gate pre-activations). Only dh is state-clipped, never dc."""
     T = CX.shape[0] - 2
     H = dh.shape[1]
+    _mkl_pack_w(mk, W_hh, r1 - r0, False, pbuf)
     nxt = np.empty((r1 - r0, H), dtype=dh.dtype)
     for s in range(T):
         t = s if rev else T - 1 - s
@@ -601,7 +879,7 @@ def _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout, col,
             else:
                 for j in range(4 * H):
                     dl[j] = 0
-        _mm(DELTA[t, r0:r1], W_hh, nxt, small)
+        _step_nn(mk, DELTA[t, r0:r1], W_hh, nxt, small, pbuf)
         for b in range(r0, r1):
             if t < lengths[b]:
                 dh[b] = nxt[b - r0]
@@ -613,33 +891,41 @@ def _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout, col,
 # per-step product uses the register-blocked loops (no BLAS threads compete).
 @njit(cache=True, parallel=True)
 def _forward_chunks(lstm, mode, fast, small, nc, rev, lengths, W_hh, GATES,
-                    HX, CX, TC, lout, col, co, cot):
+                    HX, CX, TC, lout, col, co, cot, mk, pack):
     B = HX.shape[1]
     for c in prange(nc):
         r0 = c * B // nc
         r1 = (c + 1) * B // nc
+        pbuf = _pack_slot(pack, mk, c)
+        prev = _mkl_enter(mk)
         if lstm:
             _lstm_recur(fast, small, rev, lengths, W_hh, GATES, HX, CX, TC,
-                        lout, col, co, cot, r0, r1)
+                        lout, col, co, cot, r0, r1, mk, pbuf)
         else:
             _rnn_recur(mode, fast, small, rev, lengths, W_hh, HX, lout, col,
-                       co, r0, r1)
+                       co, r0, r1, mk, pbuf)
+        _mkl_exit(mk, prev)
 
 
 @njit(cache=True, parallel=True)
 def _backward_chunks(lstm, mode, small, nc, rev, lengths, W_hh, GATES, HX, CX,
-                     TC, dlout, col, dh, dc, DELTA, sclip, use_sclip, flowc):
+                     TC, dlout, col, dh, dc, DELTA, sclip, use_sclip, flowc,
+                     mk, pack):
     B = HX.shape[1]
     for c in prange(nc):
         r0 = c * B // nc
         r1 = (c + 1) * B // nc
+        pbuf = _pack_slot(pack, mk, c)
+        prev = _mkl_enter(mk)
         if lstm:
             _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout,
                              col, dh, dc, DELTA, sclip, use_sclip, flowc[c],
-                             r0, r1)
+                             r0, r1, mk, pbuf)
         else:
             _rnn_back_recur(mode, small, rev, lengths, W_hh, HX, dlout, col, dh,
-                            DELTA, sclip, use_sclip, flowc[c], r0, r1)
+                            DELTA, sclip, use_sclip, flowc[c], r0, r1, mk,
+                            pbuf)
+        _mkl_exit(mk, prev)
 
 
 @njit(cache=True)
@@ -696,6 +982,8 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
     TCall = _section(ws, sz, 3).reshape((nl, T, B, H))
     LOUT = _section(ws, sz, 4).reshape((L, T, B, D * H))
     wt = _section(ws, sz, 11)
+    mk = cfg[C_MKL:C_MKL + 6]
+    pack = _section(ws, sz, 17)
     co = _act_coefs(mode, B, H, G, flat.dtype)
     cot = _act_coefs(0, B, H, 1, flat.dtype)
     nc = cfg[C_NC]
@@ -737,7 +1025,8 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
             if lstm:
                 CX[hpos0] = state0[1, kd]
             _forward_chunks(lstm, mode, fast, small_eff, nc, d == 1, lengths,
-                            W_hh, GATES, HX, CX, TC, LOUT[k], d * H, co, cot)
+                            W_hh, GATES, HX, CX, TC, LOUT[k], d * H, co, cot,
+                            mk, pack)
             hpos = 1 if d == 1 else T
             # final state: for the forward direction the state at lengths-1
             # (padding steps carried it to HX[T]); reverse: the state after t=0
@@ -776,6 +1065,8 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
     DH = _section(ws, sz, 10).reshape((2, B, H))
     dwt = _section(ws, sz, 12)
     PART = _section(ws, sz, 9)
+    mk = cfg[C_MKL:C_MKL + 6]
+    pack = _section(ws, sz, 17)
     nc = cfg[C_NC]
     ncg = cfg[C_NCG]
     small_eff = small if nc == 1 else CHUNK_MACS
@@ -817,7 +1108,7 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
                              GATESall[kd] if lstm else HX, HX,
                              CXall[kd] if lstm else HX,
                              TCall[kd] if lstm else HX, dl, d * H, dh, dc,
-                             DELTA, sclip, use_sclip, flowc)
+                             DELTA, sclip, use_sclip, flowc, mk, pack)
             if k == L - 1:
                 for c in range(nc):
                     for t in range(T):
@@ -951,7 +1242,7 @@ def _sections_of(cfg):
     G = 4 if mode == LSTM else 1
     return _sections(cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H], cfg[C_L],
                      cfg[C_D], G, cfg[C_O], 1 if mode == LSTM else 0,
-                     cfg[C_TOK], cfg[C_NCG])
+                     cfg[C_TOK], cfg[C_NCG], cfg[C_NC] * cfg[C_MKL_PACKN])
 
 
 @njit(cache=True)
@@ -1190,8 +1481,42 @@ def _ctx(ctx):
     return ctx_state(ctx, "numba", _Ctx)
 
 
+def _mkl_config(cfg, spec, dtype, B, nc):
+    """Fill cfg's MKL slots for this shape; returns the elements of one
+    chunk's packing slot (0: no packing)."""
+    cfg[C_MKL:C_MKL + 6] = 0
+    if _GEMM != "mkl" or nc < 2:
+        return 0
+    flags = mkl_paths(B // nc, spec.H)     # the smallest chunk
+    if flags & (MK_FWD | MK_BWD) == 0:
+        return 0
+    t = np.dtype(dtype).char
+    cfg[C_MKL] = flags
+    cfg[C_MKL_GEMM] = _MKL.gemm[t]
+    cfg[C_MKL_PACK] = _MKL.pack[t]
+    cfg[C_MKL_COMP] = _MKL.compute[t]
+    cfg[C_MKL_LOCAL] = _MKL.set_threads_local
+    if not flags & MK_PACKED:
+        return 0
+    H, GH = spec.H, (4 if spec.mode == "lstm" else 1) * spec.H
+    m = -(-B // nc)                        # the largest chunk
+    nbytes = max(_MKL.pack_size(t, _B_MATRIX, m, GH, H),     # W_hh.T, forward
+                 _MKL.pack_size(t, _B_MATRIX, m, H, GH))     # W_hh, backward
+    isz = np.dtype(dtype).itemsize
+    packn = -(-nbytes // isz) + 64 // isz  # + room to align the slot
+    cfg[C_MKL_PACKN] = packn
+    return packn
+
+
 def _prepare(c, spec, flat, T, B, tok):
-    key = (spec, T, B, tok, flat.dtype, numba.get_num_threads(), PAR_MACS)
+    if _MKL_REQUIRED and _MKL is None:
+        raise RuntimeError("FASTRNN_MKL=1 asks for MKL in the numba backend, "
+                           f"but it is not usable: {_MKL_WHY}")
+    if _MKL_ENV_BAD:
+        raise ValueError("FASTRNN_MKL: expected 0, 1 or auto (unset), got "
+                         f"{os.environ.get('FASTRNN_MKL')!r}")
+    key = (spec, T, B, tok, flat.dtype, numba.get_num_threads(), PAR_MACS,
+           _GEMM, MKL_PACKED, MKL_FORCE)
     if c.key == key:
         return
     from .._spec import out_offsets, param_offsets
@@ -1219,9 +1544,11 @@ def _prepare(c, spec, flat, T, B, tok):
     cfg[C_PAR] = PAR_MACS
     cfg[C_WOUT], cfg[C_BOUT] = out_offsets(spec)
     cfg[C_POFF:] = poff.ravel()
+    packn = _mkl_config(cfg, spec, flat.dtype, B, cfg[C_NC])
     G = 4 if spec.mode == "lstm" else 1
     n = workspace_size(T, B, spec.I, spec.H, spec.L, spec.D, G, spec.O,
-                       int(spec.mode == "lstm"), int(tok), ncg)
+                       int(spec.mode == "lstm"), int(tok), ncg,
+                       cfg[C_NC] * packn)
     c.cfg = cfg
     c.ws = np.zeros(n, dtype=flat.dtype)
     c.grad = np.zeros_like(flat)
