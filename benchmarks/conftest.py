@@ -1,7 +1,7 @@
 """Shared configuration of the fastrnn benchmark suite.
 
 Command-line options (all optional):
-  --bench-backends=numba,numpy,torch   which implementations to time
+  --bench-backends=numba,numba-mkl,torch   which implementations to time
   --bench-cells=rnn                    which cell types to time
   --bench-slow-budget=3.0              seconds of timing for one slow point
 """
@@ -15,7 +15,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if importlib.util.find_spec("fastrnn") is None:
     sys.path.insert(0, _ROOT)
 
-DEFAULT_BACKENDS = ("numba", "c", "cuda", "numpy", "torch")
+# "numba-mkl": the numba backend with MKL for its per-step products (the
+# `mkl` extra); "numba" is then timed without it (test_bench_train.py)
+DEFAULT_BACKENDS = ("numba", "numba-mkl", "c", "cuda", "numpy", "torch")
 DEFAULT_CELLS = ("rnn", "lstm")
 
 

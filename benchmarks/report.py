@@ -4,10 +4,12 @@
                                                             [--plot plot.png]
 
 One table per cell type: a row per (B, H), the median time of one training
-step in ms for each implementation found (numba, c, cuda, numpy, torch, ...),
-and the speed-ups of numba over torch and over numpy (time of the other /
-time of numba: > 1 means fastrnn is faster). The machine (CPU, cores), the
-date of the run and the package versions are printed above the tables.
+step in ms for each implementation found (numba, numba-mkl, c, cuda, numpy,
+torch, ...), and the speed-ups of numba (and of numba-mkl, the numba
+backend with MKL, when the run has it) over torch and over numpy (time of
+the other / time of numba: > 1 means fastrnn is faster), and of numba-mkl
+over numba. The machine (CPU, cores), the date of the run and the package
+versions are printed above the tables.
 
 With --out, the markdown also goes to that file and, when matplotlib is
 importable, a plot goes beside it (same name, .png) unless --plot names
@@ -22,10 +24,11 @@ from collections import defaultdict
 
 # Column order: fastrnn's fast backends, its reference, then PyTorch;
 # anything else found goes after them, alphabetically.
-ORDER = ("numba", "c", "cuda", "numpy", "torch")
+ORDER = ("numba", "numba-mkl", "c", "cuda", "numpy", "torch")
 REFERENCE = "numba"            # the backend the speed-ups are of
+REFERENCES = ("numba", "numba-mkl")   # ... each one found in the run
 VERSUS = ("torch", "numpy")    # ... over these
-NAME_RE = re.compile(r"\[(?P<cell>[a-z]+)-B(?P<B>\d+)-H(?P<H>\d+)-(?P<backend>\w+)\]")
+NAME_RE = re.compile(r"\[(?P<cell>[a-z]+)-B(?P<B>\d+)-H(?P<H>\d+)-(?P<backend>[\w-]+)\]")
 
 
 def load(path):
@@ -128,27 +131,38 @@ def header(data, info, path):
                              "readout", "optimizer") if k in info)
         lines.append(f"- setting: one training step (forward, loss, BPTT, "
                      f"update); {setting}")
-    lines += ["- times: median of one step in ms; speed-up = time of the other "
-              f"/ time of {REFERENCE} (> 1: fastrnn faster)", ""]
+    lines += ["- times: median of one step in ms; speed-up \"A vs B\" = time of B "
+              "/ time of A (> 1: A faster)", ""]
+    mkl = {(b.get("extra_info") or {}).get("gemm") for b in data["benchmarks"]
+           if (b.get("extra_info") or {}).get("backend") == "numba-mkl"}
+    if mkl - {None}:
+        layers = {(b.get("extra_info") or {}).get("numba_threading_layer")
+                  for b in data["benchmarks"]} - {None}
+        lines[-1:-1] = [
+            "- numba-mkl: the numba backend with Intel MKL (the `mkl` extra) for "
+            "the per-step products where it measured faster (`mkl_paths` in each "
+            "result's extra_info); numba: the same backend without MKL, as "
+            "installed by default" + (f"; numba threading layer: "
+                                      f"{', '.join(sorted(layers))}" if layers else "")]
     return lines
 
 
 def cell_table(cell, rows):
     backends = backends_of(rows)
-    versus = [v for v in VERSUS if v in backends and v != REFERENCE]
-    have_ref = REFERENCE in backends
+    versus = [v for v in VERSUS if v in backends and v not in REFERENCES]
+    refs = [r for r in REFERENCES if r in backends]
+    pairs = [(v, r) for v in versus for r in refs]   # (other, reference)
+    if "numba" in refs and "numba-mkl" in refs:
+        pairs.append(("numba", "numba-mkl"))
     cols = ["B", "H"] + [f"{b} (ms)" for b in backends]
-    if have_ref:
-        cols += [f"{REFERENCE} vs {v}" for v in versus]
+    cols += [f"{r} vs {v}" for v, r in pairs]
     lines = [f"## {cell}", "",
              "| " + " | ".join(cols) + " |",
              "|" + "|".join("---:" for _ in cols) + "|"]
     for (B, H) in sorted(rows):
         times = rows[(B, H)]
         cells = [str(B), str(H)] + [fmt_ms(times.get(b)) for b in backends]
-        if have_ref:
-            cells += [fmt_ratio(times.get(v), times.get(REFERENCE))
-                      for v in versus]
+        cells += [fmt_ratio(times.get(v), times.get(r)) for v, r in pairs]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     return lines

@@ -12,6 +12,12 @@ floor of 1e-4 * max|ref|), and the parameter update (new - old, i.e. -lr * the
 gradient) must match the reference's to rtol 1e-3 (same floor rule). Only
 then is it timed, on another instance warmed up (numba compiled) beforehand.
 
+Implementations: the fastrnn backends by name, "torch", and "numba-mkl":
+the numba backend with Intel MKL for its per-step products (the `mkl`
+extra; skipped with the reason when MKL is not installed). "numba" is then
+timed without MKL (the default install), so both sit side by side in one
+run; extra_info records the GEMM engine and which products used MKL.
+
 Results are grouped by (cell, B, H): benchmark.group = "rnn B=16 H=128" and
 extra_info holds cell, backend, B, H, ...; benchmarks/report.py turns the
 --benchmark-json output into tables.
@@ -158,8 +164,19 @@ def _versions():
     return v
 
 
+# "numba" and "numba-mkl" run the fastrnn backend "numba" with this GEMM
+# engine of its per-step products (numba_cpu.set_gemm)
+NUMBA_ENGINES = {"numba": "default", "numba-mkl": "mkl"}
+
+
+def _numba_cpu():
+    from fastrnn.backends import numba_cpu
+    return numba_cpu
+
+
 def make_fastrnn(cell, backend, B, H, x, y, w0):
-    model = _fr_model(cell, H, backend, state=w0)
+    fr_backend = "numba" if backend in NUMBA_ENGINES else backend
+    model = _fr_model(cell, H, fr_backend, state=w0)
     step = fr.TrainStep(model, fr.SGD(LR))
 
     def state_fn():
@@ -169,9 +186,11 @@ def make_fastrnn(cell, backend, B, H, x, y, w0):
         return step(x, y).loss
 
     info = {}
-    if backend == "numba":
+    if fr_backend == "numba":
         import numba
         info["threads"] = numba.get_num_threads()
+        nb = _numba_cpu()
+        info["gemm"] = nb.gemm_engine()
     # benchmark `step` itself (no wrapper) for the timing; `call` for checks
     return step, call, (np.array(x), np.array(y)), state_fn, info
 
@@ -218,10 +237,35 @@ def make_impl(cell, backend, B, H, x, y, w0):
         if torch is None:
             pytest.skip("PyTorch is not importable")
         return make_torch(cell, backend, B, H, x, y, w0)
-    ok, why = fr.available_backends().get(backend, (False, "not listed"))
+    fr_backend = "numba" if backend in NUMBA_ENGINES else backend
+    ok, why = fr.available_backends().get(fr_backend, (False, "not listed"))
     if not ok:
-        pytest.skip(f"backend {backend!r} unavailable: {why}")
+        pytest.skip(f"backend {fr_backend!r} unavailable: {why}")
+    if backend == "numba-mkl":
+        from fastrnn.backends import _mkl
+        ok, why = _mkl.status()
+        if not ok:
+            pytest.skip(f"numba-mkl: {why}")
     return make_fastrnn(cell, backend, B, H, x, y, w0)
+
+
+@pytest.fixture
+def gemm_engine(backend):
+    """numba / numba-mkl: set the numba backend's GEMM engine for the test
+    (restored after); other implementations: nothing."""
+    if backend not in NUMBA_ENGINES:
+        yield None
+        return
+    ok, why = fr.available_backends()["numba"]
+    if not ok:
+        pytest.skip(f"backend 'numba' unavailable: {why}")
+    nb = _numba_cpu()
+    try:
+        prev = nb.set_gemm(NUMBA_ENGINES[backend])
+    except RuntimeError as e:          # MKL not usable
+        pytest.skip(f"{backend}: {e}")
+    yield NUMBA_ENGINES[backend]
+    nb.set_gemm(prev)
 
 
 def check_against_reference(cell, backend, B, H):
@@ -272,7 +316,17 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("cell,B,H,backend", params)
 
 
-def test_train_step(benchmark, request, cell, B, H, backend):
+def _mkl_paths_used(step):
+    """Which per-step products the numba backend ran on MKL in the last call
+    of this TrainStep ("-" for none)."""
+    nb = _numba_cpu()
+    flags = int(step._ctx["numba"].cfg[nb.C_MKL])
+    names = [n for f, n in ((nb.MK_FWD, "fwd"), (nb.MK_BWD, "bwd"),
+                            (nb.MK_PACKED, "packed")) if flags & f]
+    return "+".join(names) or "-"
+
+
+def test_train_step(benchmark, request, cell, B, H, backend, gemm_engine):
     benchmark.group = f"{cell} B={B} H={H}"
     check = check_against_reference(cell, backend, B, H)
 
@@ -290,6 +344,13 @@ def test_train_step(benchmark, request, cell, B, H, backend):
     t0 = time.perf_counter()
     fn(*args)
     t1 = time.perf_counter() - t0
+    if gemm_engine is not None:
+        benchmark.extra_info["mkl_paths"] = _mkl_paths_used(fn)
+        try:
+            import numba
+            benchmark.extra_info["numba_threading_layer"] = numba.threading_layer()
+        except ValueError:   # no parallel region has run in this process
+            pass
     n = 1
     while n < WARMUP_MAX_CALLS and time.perf_counter() - t0 < WARMUP_S:
         t = time.perf_counter()
