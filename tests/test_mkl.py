@@ -138,14 +138,16 @@ def test_train_step_adam_clipnorm_matches_reference(mkl_paths, mode, dtype):
 @needs_mkl
 def test_measured_rules_pick_mkl_for_larger_chunks():
     """nb.mkl_paths: the loops below 8 rows per chunk; MKL for the backward
-    product from 8 rows (H <= 256) / 16 rows; for the forward one at small H
-    or from 32 rows; never the forward one at H = 512."""
-    assert nb.mkl_paths(4, 32) == 0 and nb.mkl_paths(1, 512) == 0
-    assert nb.mkl_paths(8, 32) & nb.MK_FWD and nb.mkl_paths(8, 32) & nb.MK_BWD
-    assert nb.mkl_paths(8, 128) == nb.MK_BWD
-    assert nb.mkl_paths(8, 512) == 0
-    assert nb.mkl_paths(32, 128) & nb.MK_FWD
-    assert nb.mkl_paths(32, 512) == nb.MK_BWD
+    product from 16 rows, and from 8 for small G*H*H; for the forward one at
+    small H or from 32 rows; never the forward one at H = 512."""
+    both = nb.MK_FWD | nb.MK_BWD
+    assert nb.mkl_paths(4, 32, 4) == 0 and nb.mkl_paths(1, 512, 1) == 0
+    assert nb.mkl_paths(8, 32, 4) == both
+    assert nb.mkl_paths(8, 128, 4) == 0 and nb.mkl_paths(8, 128, 1) == nb.MK_BWD
+    assert nb.mkl_paths(8, 512, 4) == 0
+    assert nb.mkl_paths(16, 512, 4) == nb.MK_BWD
+    assert nb.mkl_paths(32, 128, 4) == both
+    assert nb.mkl_paths(32, 512, 4) == nb.MK_BWD
 
 
 @needs_mkl

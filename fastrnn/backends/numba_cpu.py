@@ -101,13 +101,16 @@ _GEMM = "mkl" if _MKL is not None else "default"
 # With the engine "mkl", the per-step products of the chunked recurrences
 # (one core each, B >= 2) call MKL where it measured faster than the
 # register-blocked loops on the 2-core AMD EPYC dev machine, by the chunk's
-# batch rows m and H (benchmarks/results/mkl_crossover.txt: both chunks at
-# once, T=100, LSTM and RNN shapes). Below 8 rows the loops win everywhere.
+# batch rows m, H and the gate count G (benchmarks/results/mkl_crossover.txt:
+# both chunks at once, T=100, LSTM and RNN shapes). Below 8 rows the loops
+# win everywhere.
 #   forward  h_{t-1} W_hh^T: MKL at m >= 8 with H <= 64 (LSTM H=32, m=32:
 #            122 against 67 GFLOP/s over 2 cores), and at m >= 32 with
 #            H <= 256; the loops at H = 512 (134-140 against 120-127).
-#   backward dgates W_hh:    MKL at m >= 16 (118-138 against 94-98), and at
-#            m >= 8 with H <= 256; even at m = 8, H = 512.
+#   backward dgates W_hh:    MKL at m >= 16 (103-138 against 75-98), and at
+#            m = 8..15 while G*H*H <= 16384 (LSTM H <= 64, RNN H <= 128);
+#            a tie or worse at m = 8 beyond (LSTM H = 128: the training
+#            step was 0-6% slower with it).
 # The one-off products stay on OpenBLAS: single-threaded it ran them at
 # 55-92 GFLOP/s, MKL at 27-78 (the weight gradient 3200 x 2048 x 512: 88
 # against 71). The packed API (W_hh packed once per call, reused for the T
@@ -118,14 +121,15 @@ MKL_PACKED = False
 MKL_FORCE = None
 
 
-def mkl_paths(m, H):
-    """MK_* flags: which per-step products use MKL for chunks of m rows."""
+def mkl_paths(m, H, G):
+    """MK_* flags: which per-step products use MKL for chunks of m rows
+    (G = 4 for the LSTM, 1 for the RNN)."""
     if MKL_FORCE is not None:
         return MKL_FORCE
     f = 0
     if (m >= 8 and H <= 64) or (m >= 32 and H <= 256):
         f |= MK_FWD
-    if m >= 16 or (m >= 8 and H <= 256):
+    if m >= 16 or (m >= 8 and G * H * H <= 16384):
         f |= MK_BWD
     if f and MKL_PACKED:
         f |= MK_PACKED
@@ -1487,7 +1491,8 @@ def _mkl_config(cfg, spec, dtype, B, nc):
     cfg[C_MKL:C_MKL + 6] = 0
     if _GEMM != "mkl" or nc < 2:
         return 0
-    flags = mkl_paths(B // nc, spec.H)     # the smallest chunk
+    flags = mkl_paths(B // nc, spec.H,     # the smallest chunk
+                      4 if spec.mode == "lstm" else 1)
     if flags & (MK_FWD | MK_BWD) == 0:
         return 0
     t = np.dtype(dtype).char
