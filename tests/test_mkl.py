@@ -143,7 +143,8 @@ def test_measured_rules_pick_mkl_for_larger_chunks():
     both = nb.MK_FWD | nb.MK_BWD
     assert nb.mkl_paths(4, 32, 4) == 0 and nb.mkl_paths(1, 512, 1) == 0
     assert nb.mkl_paths(8, 32, 4) == both
-    assert nb.mkl_paths(8, 128, 4) == 0 and nb.mkl_paths(8, 128, 1) == nb.MK_BWD
+    assert nb.mkl_paths(8, 128, 4) == 0 and nb.mkl_paths(8, 128, 1) == 0
+    assert nb.mkl_paths(8, 64, 1) == both
     assert nb.mkl_paths(8, 512, 4) == 0
     assert nb.mkl_paths(16, 512, 4) == nb.MK_BWD
     assert nb.mkl_paths(32, 128, 4) == both

@@ -108,9 +108,9 @@ _GEMM = "mkl" if _MKL is not None else "default"
 #            122 against 67 GFLOP/s over 2 cores), and at m >= 32 with
 #            H <= 256; the loops at H = 512 (134-140 against 120-127).
 #   backward dgates W_hh:    MKL at m >= 16 (103-138 against 75-98), and at
-#            m = 8..15 while G*H*H <= 16384 (LSTM H <= 64, RNN H <= 128);
-#            a tie or worse at m = 8 beyond (LSTM H = 128: the training
-#            step was 0-6% slower with it).
+#            m = 8..15 while G*H*H <= 4096 (LSTM H <= 32, RNN H <= 64); a
+#            tie or worse in the whole training step at m = 8 beyond (LSTM
+#            H = 128: 0-6% slower with it over three runs, RNN H = 128: 2%).
 # The one-off products stay on OpenBLAS: single-threaded it ran them at
 # 55-92 GFLOP/s, MKL at 27-78 (the weight gradient 3200 x 2048 x 512: 88
 # against 71). The packed API (W_hh packed once per call, reused for the T
@@ -129,7 +129,7 @@ def mkl_paths(m, H, G):
     f = 0
     if (m >= 8 and H <= 64) or (m >= 32 and H <= 256):
         f |= MK_FWD
-    if m >= 16 or (m >= 8 and G * H * H <= 16384):
+    if m >= 16 or (m >= 8 and G * H * H <= 4096):
         f |= MK_BWD
     if f and MKL_PACKED:
         f |= MK_PACKED
