@@ -200,14 +200,34 @@ def _sections(T, B, I, H, L, D, G, O, lstm, tok, ncg, npack):
 
 @njit(cache=True)
 def _section(ws, sizes, j):
+    """Section j of the workspace; every section starts at a multiple of
+    16 elements (64 bytes of float32 from the aligned base, see _prepare)."""
     off = 0
     for i in range(j):
-        off += sizes[i]
+        off += (sizes[i] + 15) // 16 * 16
     return ws[off:off + sizes[j]]
 
 
 def workspace_size(T, B, I, H, L, D, G, O, lstm, tok, ncg, npack=0):
-    return int(_sections(T, B, I, H, L, D, G, O, lstm, tok, ncg, npack).sum())
+    s = _sections(T, B, I, H, L, D, G, O, lstm, tok, ncg, npack)
+    return int(((s + 15) // 16 * 16).sum())
+
+
+# The workspace starts on a 64-byte boundary (0: wherever numpy puts it,
+# 16 bytes past one for large arrays here). The register-blocked per-step
+# loops read the state rows with 32-byte AVX2 loads: with the rows 16 bytes
+# off, the LSTM forward product (B=64, H=512) took 122 ms instead of 96.
+WS_ALIGN = 64
+
+
+def _aligned_zeros(n, dtype, align):
+    """np.zeros(n, dtype) whose data starts at a multiple of `align` bytes."""
+    dtype = np.dtype(dtype)
+    if align <= dtype.itemsize:
+        return np.zeros(n, dtype=dtype)
+    buf = np.zeros(n + align // dtype.itemsize, dtype=dtype)
+    skip = (-buf.ctypes.data % align) // dtype.itemsize
+    return buf[skip:skip + n]
 
 
 # ============================================================================
@@ -1521,7 +1541,7 @@ def _prepare(c, spec, flat, T, B, tok):
         raise ValueError("FASTRNN_MKL: expected 0, 1 or auto (unset), got "
                          f"{os.environ.get('FASTRNN_MKL')!r}")
     key = (spec, T, B, tok, flat.dtype, numba.get_num_threads(), PAR_MACS,
-           _GEMM, MKL_PACKED, MKL_FORCE)
+           _GEMM, MKL_PACKED, MKL_FORCE, WS_ALIGN)
     if c.key == key:
         return
     from .._spec import out_offsets, param_offsets
@@ -1555,7 +1575,7 @@ def _prepare(c, spec, flat, T, B, tok):
                        int(spec.mode == "lstm"), int(tok), ncg,
                        cfg[C_NC] * packn)
     c.cfg = cfg
-    c.ws = np.zeros(n, dtype=flat.dtype)
+    c.ws = _aligned_zeros(n, flat.dtype, WS_ALIGN)
     c.grad = np.zeros_like(flat)
     c.state_n = np.zeros((2 if spec.mode == "lstm" else 1, spec.L * spec.D,
                           B, spec.H), dtype=flat.dtype)
