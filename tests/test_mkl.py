@@ -149,6 +149,7 @@ def test_measured_rules_pick_mkl_for_larger_chunks():
     assert nb.mkl_paths(16, 512, 4) == nb.MK_BWD
     assert nb.mkl_paths(32, 128, 4) == both
     assert nb.mkl_paths(32, 512, 4) == nb.MK_BWD
+    assert nb.mkl_paths(32, 256, 4) == nb.MK_BWD and nb.mkl_paths(32, 256, 1) == both
 
 
 @needs_mkl

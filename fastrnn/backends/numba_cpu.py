@@ -102,11 +102,12 @@ _GEMM = "mkl" if _MKL is not None else "default"
 # (one core each, B >= 2) call MKL where it measured faster than the
 # register-blocked loops on the 2-core AMD EPYC dev machine, by the chunk's
 # batch rows m, H and the gate count G (benchmarks/results/mkl_crossover.txt:
-# both chunks at once, T=100, LSTM and RNN shapes). Below 8 rows the loops
-# win everywhere.
+# both chunks at once, T=100, LSTM and RNN shapes, aligned arrays). Below 8
+# rows the loops win everywhere.
 #   forward  h_{t-1} W_hh^T: MKL at m >= 8 with H <= 64 (LSTM H=32, m=32:
-#            122 against 67 GFLOP/s over 2 cores), and at m >= 32 with
-#            H <= 256; the loops at H = 512 (134-140 against 120-127).
+#            127 against 66 GFLOP/s over 2 cores), and at m >= 32 while
+#            G*H*H <= 65536 (LSTM H <= 128, RNN H <= 256); the loops beyond
+#            (LSTM H = 512: 140 against 109-119).
 #   backward dgates W_hh:    MKL at m >= 16 (103-138 against 75-98), and at
 #            m = 8..15 while G*H*H <= 4096 (LSTM H <= 32, RNN H <= 64); a
 #            tie or worse in the whole training step at m = 8 beyond (LSTM
@@ -127,7 +128,7 @@ def mkl_paths(m, H, G):
     if MKL_FORCE is not None:
         return MKL_FORCE
     f = 0
-    if (m >= 8 and H <= 64) or (m >= 32 and H <= 256):
+    if (m >= 8 and H <= 64) or (m >= 32 and G * H * H <= 65536):
         f |= MK_FWD
     if m >= 16 or (m >= 8 and G * H * H <= 4096):
         f |= MK_BWD
