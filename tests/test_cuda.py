@@ -42,6 +42,8 @@ def test_missing_numba_cuda_is_explained(monkeypatch):
 from fastrnn.backends import cuda as cb          # noqa: E402 (imports without numba-cuda)
 from fastrnn.backends import reference as ref   # noqa: E402
 
+from _layer_oracle import compare_layer, flat_state as _flat, make_layer as _layer  # noqa: E402
+
 
 @contextlib.contextmanager
 def _config(**kw):
@@ -58,44 +60,9 @@ PATHS = {"persistent-smem": dict(PATH="persistent"),
          "step": dict(PATH="step")}
 
 
-def _layer(mode, I, H, L, bidir, dtype, backend, seed=0, bias=True):
-    kw = dict(num_layers=L, bidirectional=bidir, dtype=dtype, seed=seed,
-              backend=backend, bias=bias)
-    if mode == "lstm":
-        return fr.LSTM(I, H, **kw)
-    return fr.RNN(I, H, nonlinearity=mode, **kw)
-
-
-def _flat(s):
-    return np.concatenate([np.ravel(a) for a in s]) if isinstance(s, tuple) else np.ravel(s)
-
-
-def _compare_layer(mode, path, dtype=np.float64, tokens=False, T=5, B=3, I=3, H=5,
-                   L=2, bidir=True, bias=True, seed=0):
-    rng = np.random.default_rng(seed)
-    a = _layer(mode, I, H, L, bidir, dtype, "numpy", seed, bias)
-    b = _layer(mode, I, H, L, bidir, dtype, "cuda", seed, bias)
-    D = 2 if bidir else 1
-    x = rng.integers(0, I, (T, B)) if tokens else rng.standard_normal((T, B, I))
-    lengths = rng.integers(1, T + 1, B)
-    lengths[0] = T
-    h0 = rng.standard_normal((L * D, B, H)) * 0.5
-    hx = (h0, rng.standard_normal(h0.shape) * 0.5) if mode == "lstm" else h0
+def _compare_layer(mode, path, dtype=np.float64, tokens=False, **kw):
     with _config(**PATHS[path]):
-        oa, ha = a(x, hx, lengths=lengths)
-        ob, hb = b(x, hx, lengths=lengths)
-        go = rng.standard_normal(oa.shape)
-        gh = rng.standard_normal(h0.shape)
-        ghn = (gh, rng.standard_normal(gh.shape)) if mode == "lstm" else gh
-        dxa, dha = a.backward(go, ghn, state_clip=0.7)
-        dxb, dhb = b.backward(go, ghn, state_clip=0.7)
-    assert_close(ob, oa, dtype, "out")
-    assert_close(_flat(hb), _flat(ha), dtype, "h_n")
-    if not tokens:
-        assert_close(dxb, dxa, dtype, "grad_x")
-    assert_close(_flat(dhb), _flat(dha), dtype, "grad_hx")
-    for k in a.grads:
-        assert_close(b.grads[k], a.grads[k], dtype, k)
+        compare_layer("cuda", mode, dtype, tokens, state_clip=0.7, **kw)
 
 
 @needs_cuda

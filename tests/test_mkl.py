@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import fastrnn as fr
+from _layer_oracle import compare_layer, make_layer as _layer
 from conftest import assert_close
 
 try:
@@ -48,18 +49,6 @@ def mkl_paths(request, monkeypatch):
     nb.set_gemm(prev)
 
 
-def _layer(mode, I, H, L, bidir, dtype, backend, seed=0):
-    kw = dict(num_layers=L, bidirectional=bidir, dtype=dtype, seed=seed,
-              backend=backend)
-    if mode == "lstm":
-        return fr.LSTM(I, H, **kw)
-    return fr.RNN(I, H, nonlinearity=mode, **kw)
-
-
-def _flat(s):
-    return np.concatenate([np.ravel(a) for a in s]) if isinstance(s, tuple) else np.ravel(s)
-
-
 def _used_mkl(caller):
     """The MKL flags the numba backend put in cfg for the caller's (a layer,
     a TrainStep) last call."""
@@ -75,32 +64,12 @@ def test_layer_matches_reference(mkl_paths, mode, dtype, B, L, bidir, tokens):
     """Forward, final state, input/state/parameter gradients: float32 1e-4,
     float64 1e-9 relative. B=5 gives chunks of 2 and 3 rows (different
     packing sizes); B=1 is not split (MKL is not used there)."""
-    T, I, H = 6, 4, 7
-    rng = np.random.default_rng(B * 10 + L)
-    a = _layer(mode, I, H, L, bidir, dtype, "numpy")
-    b = _layer(mode, I, H, L, bidir, dtype, "numba")
-    D = 2 if bidir else 1
-    x = rng.integers(0, I, (T, B)) if tokens else rng.standard_normal((T, B, I))
-    lengths = rng.integers(1, T + 1, B)
-    lengths[0] = T
-    h0 = rng.standard_normal((L * D, B, H)) * 0.5
-    hx = (h0, rng.standard_normal(h0.shape) * 0.5) if mode == "lstm" else h0
-    oa, ha = a(x, hx, lengths=lengths)
-    ob, hb = b(x, hx, lengths=lengths)
-    assert (_used_mkl(b) != 0) == (B > 1 and nb._BLAS.can_pin
-                                   and nb.numba.get_num_threads() > 1)
-    assert_close(ob, oa, dtype, "out")
-    assert_close(_flat(hb), _flat(ha), dtype, "h_n")
-    go = rng.standard_normal(oa.shape)
-    gh = rng.standard_normal(h0.shape)
-    ghn = (gh, rng.standard_normal(gh.shape)) if mode == "lstm" else gh
-    dxa, dha = a.backward(go, ghn)
-    dxb, dhb = b.backward(go, ghn)
-    if not tokens:
-        assert_close(dxb, dxa, dtype, "grad_x")
-    assert_close(_flat(dhb), _flat(dha), dtype, "grad_hx")
-    for k in a.grads:
-        assert_close(b.grads[k], a.grads[k], dtype, k)
+    def check_engine(b):
+        assert (_used_mkl(b) != 0) == (B > 1 and nb._BLAS.can_pin
+                                       and nb.numba.get_num_threads() > 1)
+
+    compare_layer("numba", mode, dtype, tokens, T=6, B=B, I=4, H=7, L=L, bidir=bidir,
+                  data_seed=B * 10 + L, after_forward=check_engine)
 
 
 @pytest.mark.parametrize("mode", ["tanh", "lstm"])
