@@ -52,9 +52,7 @@ def check_comm(comm):
 def _signature(model, optimizer, clip, state_clip, on_nonfinite):
     """What must be the same on every rank, as (name, value) pairs."""
     from .model import SequenceModel
-    sig = [("model", type(model).__name__), ("optimizer", type(optimizer).__name__),
-           ("clip", repr(clip)), ("state_clip", repr(state_clip)),
-           ("on_nonfinite", repr(on_nonfinite))]
+    sig = [("model", type(model).__name__)]
     if isinstance(model, SequenceModel):
         sp, core = model._spec, model.core
         sig += [("cell", f"{type(core).__name__}/{sp.mode}"), ("input_size", sp.I),
@@ -65,7 +63,10 @@ def _signature(model, optimizer, clip, state_clip, on_nonfinite):
                 ("dropout", getattr(core, "dropout", 0.0)),
                 ("parameter layout", tuple((k, off, tuple(shape)) for k, (off, shape)
                                            in sp.layout.items()))]
-    sig.append(("optimizer settings", tuple(sorted(getattr(optimizer, "hyper", {}).items()))))
+    sig += [("optimizer", type(optimizer).__name__),
+            ("optimizer settings", tuple(sorted(getattr(optimizer, "hyper", {}).items()))),
+            ("clip", repr(clip)), ("state_clip", repr(state_clip)),
+            ("on_nonfinite", repr(on_nonfinite))]
     return sig
 
 

@@ -1,0 +1,154 @@
+"""Data-parallel training (TrainStep(comm=), fastrnn/_dist.py).
+
+In process: every backend's train_grad + apply_update equals its
+train_step. Under MPI: the test starts `mpiexec -n 2` on this machine
+(tests/_mpi_worker.py; skipped, with the reason, without mpi4py or an
+mpiexec) and checks every rank against one process trained here on the
+concatenated batches: parameters, optimizer state, loss, gradient norm,
+clipped and skipped after each step, float64 within the table's 1e-9.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastrnn as fr
+from conftest import assert_close
+import _mpi_worker as W
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def mpiexec():
+    """The mpiexec beside this Python (the mpich wheel's), else on PATH."""
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        pytest.skip("mpi4py is not installed (pip install -e '.[mpi]')")
+    exe = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    exe = exe if os.access(exe, os.X_OK) else shutil.which("mpiexec")
+    if exe is None:
+        pytest.skip("no mpiexec found (pip install -e '.[mpi]' installs MPICH's)")
+    return exe
+
+
+def run_ranks(args, n=2, timeout=600):
+    """`mpiexec -n n python args...` on this machine, one thread per rank."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+        NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", HYDRA_IFACE="lo")
+    p = subprocess.run([mpiexec(), "-n", str(n), sys.executable] + list(args),
+                       env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, f"mpiexec failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+# ---------------------------------------------------------------------------
+# the split every backend provides
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_train_grad_then_apply_update_equals_train_step(backend, cell):
+    rng = np.random.default_rng(3)
+    T, B = 4, 3
+    x = rng.standard_normal((T, B, 3))
+    y = rng.integers(0, 4, (T, B))
+    Layer = fr.LSTM if cell == "lstm" else fr.RNN
+    got = []
+    for split in (False, True):
+        model = fr.SequenceModel(Layer(3, 5, dtype=np.float64, seed=2, backend=backend), 4)
+        step = fr.TrainStep(model, fr.Adam(0.05), clip=fr.ClipNorm(0.3))
+        stats = []
+        for i in range(3):
+            if split:
+                be, st0 = model._be, np.zeros((2 if cell == "lstm" else 1, 1, B, 5))
+                r = be.train_grad(model._spec, model._buf, x, np.full(B, T), st0, y,
+                                  state_clip=None, ctx=step._ctx)
+                u = be.apply_update(model._spec, model._buf, step._opt, i + 1,
+                                    np.array(r["grad"]), r["loss"], opt="adam",
+                                    hyper=step.optimizer.hyper, clip="norm",
+                                    limit=0.3, ctx=step._ctx)
+                stats.append((r["loss"], u["grad_norm"], u["clipped"], u["skipped"]))
+            else:
+                q = step(x, y)
+                stats.append((q.loss, q.grad_norm, q.clipped, q.skipped))
+        got.append((model._params().copy(), step.opt_state.copy(), np.array(stats, float)))
+    for a, b, what in zip(got[0], got[1], ("parameters", "opt_state", "stats")):
+        assert_close(b, a, np.float64, err_msg=what)
+    assert got[0][2][:, 2].all()     # the clipping was exercised
+
+
+def test_comm_must_be_a_communicator():
+    model = fr.SequenceModel(fr.RNN(2, 3, backend="numpy"), 2)
+    with pytest.raises(TypeError, match="comm: expected an mpi4py communicator"):
+        fr.TrainStep(model, fr.SGD(0.1), comm=object())
+
+
+# ---------------------------------------------------------------------------
+# two ranks against one process
+# ---------------------------------------------------------------------------
+BACKENDS = [b for b in ("numpy", "numba", "c") if fr.available_backends()[b][0]]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mpi")
+    run_ranks([os.path.join(HERE, "_mpi_worker.py"), str(out)] + BACKENDS)
+    return [dict(np.load(out / f"rank{r}.npz")) for r in (0, 1)]
+
+
+def single_process(case, backend):
+    """One process, the concatenated batches, rank 0's seed."""
+    model, optim, clipper = W.build(case, backend, seed=10)
+    step = fr.TrainStep(model, optim, clip=clipper)
+    data, rows = W.batches(case)
+    stats = []
+    for x, y, ln in data:
+        q = step(x, y, lengths=ln)
+        stats.append([q.loss, q.grad_norm, q.clipped, q.skipped])
+    hx = q.hx if isinstance(q.hx, tuple) else (q.hx,)
+    return model, step, np.array(stats), np.stack(hx), rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(W.CASES))
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(ranks, case, backend):
+    model, step, stats, hx, rows = single_process(case, backend)
+    key = f"{backend}/{case}"
+    for r, got in enumerate(ranks):
+        msg = f"rank {r}, {key}"
+        assert_close(got[key + "/params"], model._params(), np.float64, msg + " params")
+        assert_close(got[key + "/opt"], step.state_dict()["opt_state"], np.float64,
+                     msg + " opt_state")
+        assert int(got[key + "/steps"]) == step.steps, msg
+        s = got[key + "/stats"]
+        np.testing.assert_array_equal(s[:, 2:], stats[:, 2:], err_msg=msg + " clipped/skipped")
+        fin = np.isfinite(stats[:, :2])
+        np.testing.assert_array_equal(np.isfinite(s[:, :2]), fin, err_msg=msg)
+        assert_close(s[:, :2][fin], stats[:, :2][fin], np.float64, msg + " loss/grad_norm")
+        a = sum(rows[:r])
+        assert_close(got[key + "/hx"], hx[:, :, a:a + rows[r]], np.float64, msg + " hx")
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(ranks):
+    for got in ranks:
+        for be in BACKENDS:
+            s = got[f"{be}/rnn_nan/stats"]
+            np.testing.assert_array_equal(s[:, 3], [0, 1, 0])
+            assert int(got[f"{be}/rnn_nan/steps"]) == W.STEPS - 1
+
+
+def test_ranks_with_different_models_are_refused_on_every_rank(ranks):
+    for got in ranks:
+        msg = str(got["refused"])
+        assert "the ranks' models differ" in msg and "cell" in msg, msg
+
+
+def test_a_rank_that_raises_makes_every_rank_raise(ranks):
+    assert str(ranks[1]["failed"]).startswith("ValueError: y: class ids")
+    assert str(ranks[0]["failed"]).startswith("RuntimeError: TrainStep: rank 1 failed")
+    assert all(bool(got["unchanged"]) for got in ranks)
