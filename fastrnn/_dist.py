@@ -94,6 +94,15 @@ def agree(comm, model, optimizer, clip, state_clip, on_nonfinite):
                                  "and clipping")
 
 
+def attach(step, comm):
+    """Make an existing TrainStep data-parallel over comm (as if built with
+    comm=): the same checks, then rank 0's state everywhere."""
+    agree(comm, step.model, step.optimizer, step.clip, step.state_clip,
+          step.on_nonfinite)
+    step._dist = DataParallel(step, comm)
+    return step
+
+
 _abort_hooked = []
 
 

@@ -7,6 +7,7 @@ mpiexec) and checks every rank against one process trained here on the
 concatenated batches: parameters, optimizer state, loss, gradient norm,
 clipped and skipped after each step, float64 within the table's 1e-9.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -152,3 +153,102 @@ def test_a_rank_that_raises_makes_every_rank_raise(ranks):
     assert str(ranks[1]["failed"]).startswith("ValueError: y: class ids")
     assert str(ranks[0]["failed"]).startswith("RuntimeError: TrainStep: rank 1 failed")
     assert all(bool(got["unchanged"]) for got in ranks)
+
+
+# ---------------------------------------------------------------------------
+# the command line: `mpiexec -n 2 fastrnn train` is one process's run
+# ---------------------------------------------------------------------------
+TEXT = ("It was the best of times, it was the worst of times, it was the age of "
+        "wisdom, it was the age of foolishness.\n") * 12
+
+
+def _checkpoint(out):
+    ck = fr.load(os.path.join(out, "checkpoint.npz"))
+    return ck
+
+
+def _assert_same_checkpoint(got, want):
+    a, b = _checkpoint(got), _checkpoint(want)
+    assert a.step == b.step and a.train_step.steps == b.train_step.steps
+    pa, pb = a.model.state_dict(), b.model.state_dict()
+    for k in pb:
+        assert_close(pa[k], pb[k], np.float64, k)
+    assert_close(a.train_step.opt_state, b.train_step.opt_state, np.float64, "opt_state")
+    ra, rb = a.extra["rng"], b.extra["rng"]
+    assert ra.bit_generator.state == rb.bit_generator.state
+    if b.extra.get("hx") is not None:      # the carried state, all rows
+        for x, y in zip(np.atleast_1d(a.extra["hx"]), np.atleast_1d(b.extra["hx"])):
+            assert_close(np.asarray(x), np.asarray(y), np.float64, "hx")
+    steps = [[json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))
+              if '"type": "step"' in line] for d in (got, want)]
+    assert [s["step"] for s in steps[0]] == [s["step"] for s in steps[1]]
+    assert_close(np.array([s["loss"] for s in steps[0]]),
+                 np.array([s["loss"] for s in steps[1]]), np.float64, "losses")
+
+
+@pytest.mark.parametrize("task", ["adding", "char"])
+def test_cli_two_ranks_equal_one_process_and_resume_with_another_count(
+        tmp_path, capsys, monkeypatch, task):
+    from fastrnn import cli
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # no pictures
+    args = ["--T", "8", "--hidden", "6", "--batch", "5", "--eval-every", "5",
+            "--test-size", "50", "--progress", "log", "--no-stop", "--dtype", "float64",
+            "--task", task]
+    if task == "char":
+        (tmp_path / "text.txt").write_text(TEXT)
+        args += ["--text", str(tmp_path / "text.txt")]
+    d = {k: str(tmp_path / k) for k in ("one10", "one20", "two10", "two20")}
+    assert cli.main(["train", *args, "--steps", "10", "--out", d["one10"]]) == 0
+    assert cli.main(["train", *args, "--steps", "20", "--out", d["one20"]]) == 0
+    shutil.copytree(d["one10"], d["two20"])
+    p = run_ranks(["-m", "fastrnn", "train", *args, "--steps", "10", "--out", d["two10"]])
+    assert p.stdout.count("fastrnn train:") == 1          # rank 0 alone prints
+    _assert_same_checkpoint(d["two10"], d["one10"])
+    # resumed with another number of ranks: 2 -> 1 and 1 -> 2
+    assert cli.main(["train", "--resume", d["two10"], "--steps", "20"]) == 0
+    _assert_same_checkpoint(d["two10"], d["one20"])
+    run_ranks(["-m", "fastrnn", "train", "--resume", d["two20"], "--steps", "20"])
+    _assert_same_checkpoint(d["two20"], d["one20"])
+
+
+def test_cli_under_mpiexec_refuses_other_commands_and_too_small_batches(tmp_path):
+    mpiexec()
+    env = dict(os.environ, PYTHONPATH=ROOT, PMI_SIZE="2")    # as a launcher sets it
+    p = subprocess.run([sys.executable, "-m", "fastrnn", "compare"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "only `fastrnn train` runs data-parallel" in p.stderr
+    with pytest.raises(AssertionError, match="--batch: 1 rows cannot be split over 2"):
+        run_ranks(["-m", "fastrnn", "train", "--T", "4", "--hidden", "3", "--batch", "1",
+                   "--steps", "1", "--out", str(tmp_path / "r")])
+
+
+class _FakeComm:
+    """Rank `rank` of `size`, for the row split (no MPI needed)."""
+
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return self.size
+
+
+@pytest.mark.parametrize("task_name", ["adding", "memorization"])
+def test_ranks_split_each_global_batch_into_disjoint_row_blocks(task_name):
+    from fastrnn import tasks
+    from fastrnn.cli_mpi import Parallel
+    task = tasks.make_task(task_name, 5)
+    x, y = task.batch(np.random.default_rng(0), 7)
+    for n in (1, 2, 3, 7):
+        parts = [Parallel(_FakeComm(r, n)).local_batch(task, x, y) for r in range(n)]
+        assert all(p[0].shape[1] >= 1 for p in parts)
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in parts], axis=1), x)
+        axis = 1 if task.readout == "all" else 0
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in parts], axis=axis), y)
+        hx = (np.arange(2 * 7 * 3.0).reshape(2, 7, 3), np.ones((2, 7, 3)))
+        states = [Parallel(_FakeComm(r, n)).local_state(hx) for r in range(n)]
+        for j in range(2):
+            np.testing.assert_array_equal(np.concatenate([s[j] for s in states], axis=1),
+                                          hx[j])
