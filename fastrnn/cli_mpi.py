@@ -151,8 +151,11 @@ def run(parser, args):
             parser.exit(2, f"{name}: error: {e}\n")
         raise SystemExit(2) from None
     except BaseException as e:
-        traceback.print_exc()
+        if not isinstance(e, KeyboardInterrupt):
+            traceback.print_exc()
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else type(e).__name__
+        if scratch is not None:             # MPI_Abort ends the process here
+            shutil.rmtree(scratch, ignore_errors=True)
         sys.stderr.write(f"{name}: rank {par.rank} of {par.size} stopped ({what}); "
                          "aborting every rank (MPI_Abort); the run directory keeps "
                          "the last checkpoint\n")
