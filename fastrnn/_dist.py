@@ -134,6 +134,8 @@ class DataParallel:
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self._buf = None
+        from mpi4py import MPI
+        self._in_place = MPI.IN_PLACE
         _abort_on_uncaught(comm)
         self.broadcast()
 
@@ -168,8 +170,7 @@ class DataParallel:
             fail = e
             buf[:] = 0
             buf[P + 2:] = (1, self.rank)
-        from mpi4py import MPI
-        self.comm.Allreduce(MPI.IN_PLACE, buf)
+        self.comm.Allreduce(self._in_place, buf)
         nfail = int(buf[P + 2])
         if nfail:
             if fail is not None:

@@ -14,7 +14,8 @@ STEPS = 3
 T = 4
 
 # name: (cell, rows of rank 0 and rank 1, optimizer, clip, model options,
-#        step at which rank 1's input is NaN or None)
+#        step at which rank 1's input is NaN or None); float64 unless the
+#        options say otherwise
 CASES = {
     "rnn_sgd_norm": ("rnn", (3, 3), ("sgd", 0.1, 0.9), ("norm", 0.5), {}, None),
     "lstm_adam_value": ("lstm", (2, 5), ("adam", 0.01), ("value", 0.05), {}, None),
@@ -23,6 +24,8 @@ CASES = {
     "lstm_tokens_bidir": ("lstm", (3, 2), ("adam", 0.01), ("norm", 1.0),
                           dict(tokens=True, bidirectional=True, num_layers=2), None),
     "rnn_nan": ("rnn", (2, 3), ("adam", 0.01), ("norm", 1.0), {}, 1),
+    "lstm_float32": ("lstm", (4, 1), ("sgd", 0.1, 0.0), ("norm", 0.5),
+                     dict(dtype=np.float32), None),
 }
 I, H, O = 3, 5, 4
 
@@ -33,8 +36,9 @@ def build(case, backend, seed):
     kw = dict(kw)
     readout, loss = kw.pop("readout", "all"), kw.pop("loss", "cross_entropy")
     kw.pop("tokens", None)
+    dtype = kw.pop("dtype", np.float64)
     Layer = fr.LSTM if cell == "lstm" else fr.RNN
-    core = Layer(I, H, dtype=np.float64, seed=seed, backend=backend, **kw)
+    core = Layer(I, H, dtype=dtype, seed=seed, backend=backend, **kw)
     model = fr.SequenceModel(core, O, loss=loss, readout=readout)
     optim = {"sgd": lambda: fr.SGD(opt[1], momentum=opt[2]),
              "adam": lambda: fr.Adam(opt[1]),
