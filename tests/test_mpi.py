@@ -38,7 +38,7 @@ def mpiexec():
     return exe
 
 
-def run_ranks(args, n=2, timeout=600):
+def run_ranks(args, n=2, timeout=600, check=True):
     """`mpiexec -n n python args...` on this machine, one thread per rank."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
@@ -46,7 +46,8 @@ def run_ranks(args, n=2, timeout=600):
     p = subprocess.run([mpiexec(), "-n", str(n), sys.executable] + list(args),
                        env=env, cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout)
-    assert p.returncode == 0, f"mpiexec failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
+    if check:
+        assert p.returncode == 0, f"mpiexec failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
     return p
 
 
@@ -150,6 +151,20 @@ def test_ranks_with_different_models_are_refused_on_every_rank(ranks):
     for got in ranks:
         msg = str(got["refused"])
         assert "the ranks' models differ" in msg and "cell" in msg, msg
+
+
+def test_an_uncaught_exception_on_one_rank_aborts_every_rank():
+    script = ("import numpy as np, fastrnn as fr\n"
+              "from mpi4py import MPI\n"
+              "comm = MPI.COMM_WORLD\n"
+              "m = fr.SequenceModel(fr.RNN(3, 4, backend='numpy'), 2)\n"
+              "step = fr.TrainStep(m, fr.SGD(0.1), comm=comm)\n"
+              "if comm.Get_rank() == 1:\n"
+              "    raise KeyError('between two steps')\n"
+              "step(np.zeros((2, 2, 3)), np.zeros((2, 2), int))\n")
+    p = run_ranks(["-c", script], timeout=120, check=False)  # rank 0 would wait for ever
+    assert p.returncode != 0
+    assert "rank 1 of 2 stopped on KeyError; aborting every rank" in p.stderr
 
 
 def test_a_rank_that_raises_makes_every_rank_raise(ranks):
