@@ -209,6 +209,7 @@ def test_cli_two_ranks_equal_one_process_and_resume_with_another_count(
         tmp_path, capsys, monkeypatch, task):
     from fastrnn import cli
     monkeypatch.setitem(sys.modules, "matplotlib", None)      # no pictures
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     args = ["--T", "8", "--hidden", "6", "--batch", "5", "--eval-every", "5",
             "--test-size", "50", "--progress", "log", "--no-stop", "--dtype", "float64",
             "--task", task]
