@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from . import cli_mpi as _mpi
 from . import tasks as _tasks
 
 CHECKPOINT = "checkpoint.npz"
@@ -464,6 +465,9 @@ def train_run(cfg, out, *, checkpoint=None, progress="auto", title=None, stream=
         metric, counters = ex.get("metric"), dict(ex["counters"])
         _truncate_metrics(mpath, start)
         metrics = open(mpath, "a")
+    par = _mpi.active()      # None unless under mpiexec (fastrnn/cli_mpi.py)
+    if par is not None:
+        ts, carry = par.attach(ts, cfg), par.local_state(carry)
     steps, B = cfg["steps"], cfg["batch"]
     test = task.test_set(cfg["seed"], cfg["test_size"])
     flow_x, flow_y = task.flow_batch(cfg["seed"])
@@ -481,7 +485,7 @@ def train_run(cfg, out, *, checkpoint=None, progress="auto", title=None, stream=
         extra = {"config": cfg, "rng": rng, "counters": counters, "metric": metric,
                  "task": task.name}
         if task.stateful:
-            extra["hx"] = carry
+            extra["hx"] = carry if par is None else par.global_state(carry)
             extra["text_sha256"] = task.sha256
         if task.name == "char":
             extra["vocab"] = task.vocab
@@ -500,10 +504,12 @@ def train_run(cfg, out, *, checkpoint=None, progress="auto", title=None, stream=
     lines = []
     stopped = False
     interrupted = []
-    old_handler = _on_sigint(interrupted)
+    old_handler = _on_sigint(interrupted) if par is None else None
     try:
         while i < steps and not interrupted:
             x, y, reset = task.train_batch(rng, B, i)
+            if par is not None:
+                x, y = par.local_batch(task, x, y)
             r = ts(x, y, hx=None if reset else carry)
             i += 1
             if task.stateful:
@@ -588,7 +594,7 @@ def train_run(cfg, out, *, checkpoint=None, progress="auto", title=None, stream=
                    clipped=counters["clipped"], skipped=counters["skipped"], out=out)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    if plot:
+    if plot and (par is None or par.root):
         summary["picture"] = plot_run(out, say)
     return summary
 
@@ -1290,6 +1296,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    if _mpi.world_size() > 1:
+        return _mpi.run(parser, args)
     try:
         return args.func(args)
     except UsageError as e:

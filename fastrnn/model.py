@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _mirror
+from . import _dist, _mirror
 from ._spec import LOSSES, READOUTS, n_core_params, views
 from ._validate import (check_choice, check_int, check_positive, lengths_arg,
                         sequence_input, targets_arg)
@@ -135,10 +135,15 @@ class TrainStep:
     gradient is not clamped).
     on_nonfinite: "skip" (report skipped=True, change nothing) or "raise"
     (FloatingPointError, change nothing).
+    comm: None or an mpi4py communicator: data-parallel training, each rank
+    passing its own batch; one step equals a step on the ranks' batches
+    concatenated, results are equal on every rank (see fastrnn/_dist.py).
     """
 
     def __init__(self, model, optimizer, *, clip=None, state_clip=None,
-                 on_nonfinite="skip"):
+                 on_nonfinite="skip", comm=None):
+        if comm is not None:
+            _dist.agree(comm, model, optimizer, clip, state_clip, on_nonfinite)
         if not isinstance(model, SequenceModel):
             raise TypeError(f"model: expected an fr.SequenceModel, got {type(model).__name__}")
         if not isinstance(optimizer, Optimizer):
@@ -155,6 +160,7 @@ class TrainStep:
         self._opt = np.zeros((2, model._buf.size), dtype=model.dtype)
         self.steps = 0       # successful updates (Adam's t)
         self._ctx = {}
+        self._dist = None if comm is None else _dist.DataParallel(self, comm)
 
     @property
     def opt_state(self):
@@ -165,6 +171,8 @@ class TrainStep:
         return self._opt
 
     def __call__(self, x, y, hx=None, lengths=None):
+        if self._dist is not None:
+            return self._dist(x, y, hx, lengths)
         m = self.model
         xs, T, B, ln, st0 = m._inputs(x, hx, lengths)
         yy = targets_arg(y, m._spec, T, B, ln, m.core.batch_first, m.dtype,

@@ -10,6 +10,19 @@ Every backend module implements the same functions with the same arguments:
     train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
                hyper, clip, limit, state_clip, ctx=None) -> dict
     gradient_flow(spec, flat, x, lengths, state0, y, ctx=None) -> flow (T,)
+    train_grad(spec, flat, x, lengths, state0, y, *, state_clip, ctx=None)
+        -> dict(loss, grad, state_n)
+    apply_update(spec, flat, opt_state, step, grad, loss, *, opt, hyper,
+                 clip, limit, ctx=None) -> dict(grad_norm, clipped, skipped, grad)
+
+train_grad and apply_update are train_step cut in two where data-parallel
+training (fastrnn/_dist.py) sums the gradients of all ranks: train_grad is
+forward, loss and BPTT and changes nothing (grad is a host array of flat's
+dtype and length, possibly the backend's workspace: valid until the next
+call with the same ctx); apply_update is the norm of grad, the non-finite
+guard on loss and norm, clipping (grad is clipped in place) and the update,
+with the same compiled code as train_step. train_step equals train_grad
+followed by apply_update on the same ctx.
 
 train_step updates flat and opt_state in place, or -- a backend that keeps
 them on a device (cuda) -- registers itself as the holder of newer copies

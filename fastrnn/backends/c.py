@@ -48,9 +48,12 @@ product itself takes tens of microseconds: BLAS wins from about 1M
 multiply-adds per step (B=64, H=128 RNN) and by 1.5x at 4M and more
 (H=512), hence SMALL_MACS = 2^20.
 """
+import functools
 import os
 
 import numpy as np
+
+from . import ctx_state
 
 name = "c"
 
@@ -490,7 +493,12 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
                         f"got {opt_state.dtype} {opt_state.shape}")
     w, loss, grad, state_n, _ = _loss_and_grad(spec, flat, x, lengths, state0,
                                                y, state_clip, False, ctx)
-    u = w.ua
+    r = _update(w.ua, flat, opt_state, step, grad, loss, opt, hyper, clip, limit)
+    return dict(r, loss=loss, state_n=state_n)
+
+
+def _update(u, flat, opt_state, step, grad, loss, opt, hyper, clip, limit):
+    """fr_update (norm, guard, clipping, optimizer) with the C arguments u."""
     u.opt, u.clip, u.step = _OPTS[opt], _CLIPS[clip], step
     u.lr = hyper["lr"]
     u.momentum = hyper.get("momentum", 0.0)
@@ -499,11 +507,30 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
     u.eps = hyper.get("eps", 0.0)
     u.limit = 0.0 if limit is None else limit
     u.loss = loss
-    p = w._ptr
-    getattr(lib, "fr_update_" + w.sfx)(u, flat.size, p(flat), p(grad),
-                                       p(opt_state[0]), p(opt_state[1]))
-    return dict(loss=loss, grad_norm=float(u.grad_norm), clipped=bool(u.clipped),
-                skipped=bool(u.skipped), state_n=state_n, grad=grad)
+    sfx, ct = ("f32", "float[]") if flat.dtype == np.float32 else ("f64", "double[]")
+    p = functools.partial(ffi.from_buffer, ct)
+    getattr(lib, "fr_update_" + sfx)(u, flat.size, p(flat), p(grad),
+                                     p(opt_state[0]), p(opt_state[1]))
+    return dict(grad_norm=float(u.grad_norm), clipped=bool(u.clipped),
+                skipped=bool(u.skipped), grad=grad)
+
+
+def train_grad(spec, flat, x, lengths, state0, y, *, state_clip, ctx=None):
+    _, loss, grad, state_n, _ = _loss_and_grad(spec, flat, x, lengths, state0,
+                                               y, state_clip, False, ctx)
+    return dict(loss=loss, grad=grad, state_n=state_n)
+
+
+def apply_update(spec, flat, opt_state, step, grad, loss, *, opt, hyper, clip,
+                 limit, ctx=None):
+    if opt_state.dtype != flat.dtype or opt_state.shape != (2, flat.size):
+        raise TypeError(f"opt_state: expected {flat.dtype} of shape {(2, flat.size)}, "
+                        f"got {opt_state.dtype} {opt_state.shape}")
+    if grad.dtype != flat.dtype or grad.shape != flat.shape or not grad.flags.c_contiguous:
+        raise TypeError(f"grad: expected a contiguous {flat.dtype} array of shape "
+                        f"{flat.shape}, got {grad.dtype} {grad.shape}")
+    u = ctx_state(ctx, "c_update", lambda: ffi.new("fr_update_args *"))
+    return _update(u, flat, opt_state, step, grad, loss, opt, hyper, clip, limit)
 
 
 def gradient_flow(spec, flat, x, lengths, state0, y, ctx=None):

@@ -1619,13 +1619,30 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
     n = flat.shape[0]
     if c.M is None:
         c.M = cuda.device_array((2, n), dtype=flat.dtype)
-    kind = _OPTS[opt]
-    # which moment rows the optimizer uses: SGD with momentum and Adagrad one,
-    # Adam two, plain SGD none
-    nmom = {0: 1 if hyper.get("momentum", 0.0) else 0, 1: 2, 2: 1}[kind]
+    nmom = _nmom(opt, hyper)
     viewed = _sync_params(c, flat, opt_state, nmom)
     w, T, B, R = _loss_and_grad(c, spec, flat, x, lengths, state0, y, flow=False,
                                 sclip=state_clip, upload=False)
+    res = _clip_update(c, flat, opt_state, step, w, R, B, nmom, viewed, opt=opt,
+                       hyper=hyper, clip=clip, limit=limit)
+    return dict(loss=float(res[0]), grad_norm=float(res[1]), clipped=bool(res[2]),
+                skipped=bool(res[3]), state_n=w["STN"].copy_to_host(), grad=c.G)
+
+
+def _nmom(opt, hyper):
+    """How many moment rows the optimizer uses: SGD with momentum and Adagrad
+    one, Adam two, plain SGD none."""
+    return {0: 1 if hyper.get("momentum", 0.0) else 0, 1: 2, 2: 1}[_OPTS[opt]]
+
+
+def _clip_update(c, flat, opt_state, step, w, R, B, nmom, viewed, *, opt, hyper,
+                 clip, limit):
+    """Norm, guard, clipping and the update of c.P/c.M from the gradient in
+    c.G and the per-row losses w["LROW"][:R] (loss = their sum / B); then
+    this ctx holds the newer parameters (see train_step). Returns RES on the
+    host: (loss, grad_norm, clipped, skipped, ...)."""
+    n = flat.shape[0]
+    kind = _OPTS[opt]
     Gr = c.G
     lim = 0.0 if limit is None else float(limit)
     nblk = max(1, min(NRED, w["PART"].shape[0], (n + TPB - 1) // TPB))
@@ -1649,8 +1666,44 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
             _mirror.hold(flat, c)
             if nmom:
                 _mirror.hold(opt_state, c)
-    return dict(loss=float(res[0]), grad_norm=float(res[1]), clipped=bool(res[2]),
-                skipped=skipped, state_n=w["STN"].copy_to_host(), grad=Gr)
+    return res
+
+
+def train_grad(spec, flat, x, lengths, state0, y, *, state_clip, ctx=None):
+    """Forward, loss and BPTT on the device; the gradient and the final
+    state are copied to the host (the caller sums the gradients of all
+    ranks there)."""
+    c = _ctx(ctx)
+    T, B = int(x.shape[0]), int(x.shape[1])
+    _prepare(c, spec, flat.dtype, T, B, np.dtype(x.dtype).kind in "iu")
+    _sync_params(c, flat, None, 0)
+    w, T, B, R = _loss_and_grad(c, spec, flat, x, lengths, state0, y, flow=False,
+                                sclip=state_clip, upload=False)
+    loss = float(np.sum(w["LROW"][:R].copy_to_host())) / B
+    return dict(loss=loss, grad=c.G.copy_to_host(), state_n=w["STN"].copy_to_host())
+
+
+def apply_update(spec, flat, opt_state, step, grad, loss, *, opt, hyper, clip,
+                 limit, ctx=None):
+    """Upload grad (host) and run train_step's clipping and update kernels
+    on it, with loss standing in for the per-row losses; grad receives the
+    clipped gradient."""
+    c = _ctx(ctx)
+    if c.pkey != (spec, np.dtype(flat.dtype)):
+        _prepare(c, spec, flat.dtype, 1, 1, False)
+    if c.M is None:
+        c.M = cuda.device_array((2, flat.shape[0]), dtype=flat.dtype)
+    nmom = _nmom(opt, hyper)
+    viewed = _sync_params(c, flat, opt_state, nmom)
+    c.G.copy_to_device(np.ascontiguousarray(grad))
+    f8 = np.float64
+    w = dict(PART=_alloc((NRED, 2), f8), RES=_alloc((8,), f8),
+             LROW=cuda.to_device(np.array([loss], dtype=f8)))
+    res = _clip_update(c, flat, opt_state, step, w, 1, 1, nmom, viewed, opt=opt,
+                       hyper=hyper, clip=clip, limit=limit)
+    c.G.copy_to_host(grad)
+    return dict(grad_norm=float(res[1]), clipped=bool(res[2]), skipped=bool(res[3]),
+                grad=grad)
 
 
 def gradient_flow(spec, flat, x, lengths, state0, y, ctx=None):

@@ -1655,17 +1655,7 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
                hyper, clip, limit, state_clip, ctx=None):
     c, T, B, x2, tok, lengths, state_n = _begin(spec, flat, x, lengths, ctx)
     cfg, f = c.cfg, c.fcfg
-    cfg[C_OPT] = _OPTS[opt]
-    cfg[C_CLIP] = _CLIPS[clip]
-    cfg[C_SCLIP] = int(state_clip is not None)
-    cfg[C_STEP] = step
-    f[F_LR] = hyper["lr"]
-    f[F_MOM] = hyper.get("momentum", 0.0)
-    f[F_B1] = hyper.get("beta1", 0.0)
-    f[F_B2] = hyper.get("beta2", 0.0)
-    f[F_EPS] = hyper.get("eps", 0.0)
-    f[F_LIMIT] = 0.0 if limit is None else limit
-    f[F_SCLIP] = 0.0 if state_clip is None else state_clip
+    _set_update(cfg, f, step, opt, hyper, clip, limit, state_clip)
     yi, yf = _targets(spec, y, flat.dtype)
     with _BLAS(c.pin):
         train_step_kernel(cfg, f, flat, c.grad, opt_state,
@@ -1686,3 +1676,76 @@ def gradient_flow(spec, flat, x, lengths, state0, y, ctx=None):
         flow_kernel(cfg, flat, c.grad, (x2, tok, lengths, state0, yi, yf), c.ws,
                     state_n, flow)
     return flow
+
+
+# ----------------------------------------------------------------------------
+# train_step in two halves, for data-parallel training (fastrnn/_dist.py):
+# train_grad -> (sum the gradients of all ranks) -> apply_update
+# ----------------------------------------------------------------------------
+def _set_update(cfg, f, step, opt, hyper, clip, limit, state_clip):
+    """The optimizer, clipping and step slots of cfg and fcfg."""
+    cfg[C_OPT] = _OPTS[opt]
+    cfg[C_CLIP] = _CLIPS[clip]
+    cfg[C_SCLIP] = int(state_clip is not None)
+    cfg[C_STEP] = step
+    f[F_LR] = hyper["lr"]
+    f[F_MOM] = hyper.get("momentum", 0.0)
+    f[F_B1] = hyper.get("beta1", 0.0)
+    f[F_B2] = hyper.get("beta2", 0.0)
+    f[F_EPS] = hyper.get("eps", 0.0)
+    f[F_LIMIT] = 0.0 if limit is None else limit
+    f[F_SCLIP] = 0.0 if state_clip is None else state_clip
+
+
+@njit(cache=True)
+def grad_kernel(cfg, fcfg, flat, grad, batch, ws, state_n):
+    """train_step_kernel up to the gradient: forward over time, loss and
+    BPTT into grad; returns the loss. batch = (x, tok, lengths, state0, yi,
+    yf)."""
+    x, tok, lengths, state0, yi, yf = batch
+    T, B = cfg[C_T], cfg[C_B]
+    top = core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n)
+    readout_forward_kernel(cfg, flat, lengths, top, ws)
+    sz = _sections_of(cfg)
+    DH = cfg[C_D] * cfg[C_H]
+    dtop = _section(ws, sz, 6)[:T * B * DH].reshape((T, B, DH))
+    loss = loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf, grad,
+                                dtop)
+    dstate = np.zeros_like(state_n)
+    core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate, grad,
+                         x[:0], dstate, np.empty(T, dtype=np.float64),
+                         fcfg[F_SCLIP])
+    return loss
+
+
+def train_grad(spec, flat, x, lengths, state0, y, *, state_clip, ctx=None):
+    c, T, B, x2, tok, lengths, state_n = _begin(spec, flat, x, lengths, ctx)
+    cfg, f = c.cfg, c.fcfg
+    cfg[C_SCLIP] = int(state_clip is not None)
+    f[F_SCLIP] = 0.0 if state_clip is None else state_clip
+    yi, yf = _targets(spec, y, flat.dtype)
+    with _BLAS(c.pin):
+        loss = grad_kernel(cfg, f, flat, c.grad,
+                           (x2, tok, lengths, state0, yi, yf), c.ws, state_n)
+    return dict(loss=float(loss), grad=c.grad, state_n=state_n)
+
+
+class _Update:
+    """apply_update's cfg, fcfg and result slots, kept per caller."""
+    __slots__ = ("cfg", "fcfg", "res")
+
+    def __init__(self):
+        self.cfg = np.zeros(C_POFF, dtype=np.int64)
+        self.fcfg = np.zeros(8, dtype=np.float64)
+        self.res = np.zeros(4, dtype=np.float64)
+
+
+def apply_update(spec, flat, opt_state, step, grad, loss, *, opt, hyper, clip,
+                 limit, ctx=None):
+    u = ctx_state(ctx, "numba_update", _Update)
+    _set_update(u.cfg, u.fcfg, step, opt, hyper, clip, limit, None)
+    u.res[R_LOSS] = loss
+    clip_update_kernel(u.cfg, u.fcfg, flat, grad, opt_state, u.res)
+    r = u.res
+    return dict(grad_norm=float(r[R_GNORM]), clipped=bool(r[R_CLIPPED]),
+                skipped=bool(r[R_SKIPPED]), grad=grad)

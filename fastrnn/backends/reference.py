@@ -301,12 +301,28 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *,
     """One training step. Updates flat/opt_state in place unless the loss or
     gradient is not finite. Returns dict(loss, grad_norm, clipped, skipped,
     state_n, grad)."""
+    r = train_grad(spec, flat, x, lengths, state0, y, state_clip=state_clip)
+    u = apply_update(spec, flat, opt_state, step, r["grad"], r["loss"], opt=opt,
+                     hyper=hyper, clip=clip, limit=limit)
+    return dict(u, loss=r["loss"], state_n=r["state_n"])
+
+
+def train_grad(spec, flat, x, lengths, state0, y, *, state_clip, ctx=None):
+    """The first half of train_step: forward, loss and BPTT, nothing updated.
+    Returns dict(loss, grad (flat, a fresh array), state_n)."""
     loss, grad, state_n, _ = loss_and_grad(spec, flat, x, lengths, state0, y,
                                            state_clip)
+    return dict(loss=loss, grad=grad, state_n=state_n)
+
+
+def apply_update(spec, flat, opt_state, step, grad, loss, *, opt, hyper, clip,
+                 limit, ctx=None):
+    """The second half of train_step: the norm of grad, the non-finite guard
+    (on loss and norm), clipping (grad is clipped in place) and the update of
+    flat/opt_state in place. Returns dict(grad_norm, clipped, skipped, grad)."""
     gnorm = float(np.sqrt(np.sum(grad.astype(np.float64) ** 2)))
     if not (np.isfinite(loss) and np.isfinite(gnorm)):
-        return dict(loss=loss, grad_norm=gnorm, clipped=False, skipped=True,
-                    state_n=state_n, grad=grad)
+        return dict(grad_norm=gnorm, clipped=False, skipped=True, grad=grad)
     new_params = flat.copy()
     new_state = opt_state.copy()
     g = grad.copy()
@@ -314,8 +330,8 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *,
                                      hyper=hyper, clip=clip, limit=limit)
     flat[:] = new_params
     opt_state[:] = new_state
-    return dict(loss=loss, grad_norm=gnorm, clipped=clipped, skipped=False,
-                state_n=state_n, grad=g)
+    grad[:] = g
+    return dict(grad_norm=gnorm, clipped=clipped, skipped=False, grad=grad)
 
 
 def gradient_flow(spec, flat, x, lengths, state0, y, ctx=None):
