@@ -284,6 +284,11 @@ def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _one_of(*choices):
+    names = " or ".join(map(repr, choices))
+    return (lambda v: isinstance(v, str) and v in choices), names
+
+
 def _field(ar, d, key, where, check, expected):
     if not isinstance(d, dict) or key not in d:
         ar.fail(f"{where}.{key}" if where else key, f"missing (expected {expected})")
@@ -325,21 +330,20 @@ def _check_model(ar, meta):
     f = lambda key, check, expected: _field(ar, cfg, key, "model", check, expected)  # noqa
     pos = lambda v: _is_int(v) and v >= 1  # noqa: E731
     is_bool = lambda v: isinstance(v, bool)  # noqa: E731
-    cell = f("cell", lambda v: v in ("rnn", "lstm"), "'rnn' or 'lstm'")
+    cell = f("cell", *_one_of("rnn", "lstm"))
     I, H, L = (f(k, pos, "an int >= 1") for k in ("input_size", "hidden_size", "num_layers"))
     bias, _, bidir = (f(k, is_bool, "true or false")
                       for k in ("bias", "batch_first", "bidirectional"))
-    dtype = f("dtype", lambda v: v in ("float32", "float64"), "'float32' or 'float64'")
+    dtype = f("dtype", *_one_of("float32", "float64"))
     f("init", lambda v: isinstance(v, str), "a str")
     f("seed", lambda v: v is None or _is_int(v), "an int or null")
     f("backend", lambda v: isinstance(v, str), "a str")
     mode = "lstm"
     if cell == "rnn":
-        mode = f("nonlinearity", lambda v: v in MODES and v != "lstm",
-                 "'tanh', 'relu' or 'sigmoid'")
+        mode = f("nonlinearity", *_one_of(*(m for m in MODES if m != "lstm")))
     O = f("output_size", pos, "an int >= 1")
-    loss = f("loss", lambda v: v in LOSSES, " or ".join(map(repr, LOSSES)))
-    readout = f("readout", lambda v: v in READOUTS, " or ".join(map(repr, READOUTS)))
+    loss = f("loss", *_one_of(*LOSSES))
+    readout = f("readout", *_one_of(*READOUTS))
     D = 2 if bidir else 1
     stored = sorted(k[len("param/"):] for k in ar.names if k.startswith("param/"))
     n_expected = L * D * (4 if bias else 2) + 2
@@ -378,16 +382,17 @@ def _check_train_step(ar, meta, spec):
         ar, d, key, w, check, expected)
     if not isinstance(ts, dict):
         ar.fail("train_step", f"expected a JSON object, got {ts!r}")
-    kind = f("optimizer", lambda v: v in HYPER, " or ".join(map(repr, HYPER)))
+    kind = f("optimizer", *_one_of(*HYPER))
     hyper = f("hyper", lambda v: isinstance(v, dict), "a JSON object")
     for k in HYPER[kind]:
         f(k, _is_number, "a number", d=hyper, w="train_step.hyper")
-    clip = f("clip", lambda v: v in (None, "norm", "value"), "null, 'norm' or 'value'")
+    clip = f("clip", lambda v: v is None or _one_of("norm", "value")[0](v),
+             "null, 'norm' or 'value'")
     if clip is not None:
         f("clip_limit", _is_number, "a number")
     f("state_clip", lambda v: v is None or _is_number(v), "a number or null")
     f("on_nonfinite", lambda v: isinstance(v, str), "a str")
-    f("steps", lambda v: _is_int(v) and v >= 0, "an int >= 0")
+    f("steps", lambda v: _is_int(v) and 0 <= v < 2 ** 62, "an int >= 0")
     if "opt_state" not in ar.names:
         ar.fail("opt_state", "missing (a checkpoint with a train_step holds the "
                 "optimizer's moments)")
@@ -600,14 +605,14 @@ def load(path, *, backend=None):
         try:
             model = _build_model(meta["model"], backend)
             model.load_state_dict(params)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:
             ar.fail("model", str(e))
         ts = None
         if "train_step" in meta:
             opt_state = ar.array("opt_state")
             try:
                 ts = _build_train_step(model, meta["train_step"], opt_state)
-            except (ValueError, TypeError) as e:
+            except (ValueError, TypeError, OverflowError) as e:
                 ar.fail("train_step", str(e))
     finally:
         ar.close()

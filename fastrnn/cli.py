@@ -1129,6 +1129,8 @@ def cmd_sample(args):
         raise UsageError(f"--temperature: expected a number >= 0, got {args.temperature}")
     if args.length < 0:
         raise UsageError(f"--length: expected an integer >= 0, got {args.length}")
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed: expected an integer >= 0, got {args.seed}")
     text = sample_text(ck.model, vocab, args.length, temperature=args.temperature,
                        prime=args.prime, seed=args.seed)
     sys.stdout.write(text + "\n")
