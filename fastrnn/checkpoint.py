@@ -186,7 +186,7 @@ def _generator(state, ar, where):
     name = state.get("bit_generator") if isinstance(state, dict) else None
     if not isinstance(name, str) or name not in BIT_GENERATORS:
         ar.fail(where, f"bit generator {name!r} is not one of {', '.join(BIT_GENERATORS)}")
-    bg = BIT_GENERATORS[name]()
+    bg = BIT_GENERATORS[name](0)
     try:
         bg.state = state
     except (ValueError, TypeError, KeyError, OverflowError) as e:

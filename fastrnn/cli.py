@@ -196,7 +196,9 @@ def build(cfg, task):
         elif cfg["clip_value"] is not None:
             clip = fr.ClipValue(cfg["clip_value"])
         step = fr.TrainStep(model, opt, clip=clip, state_clip=cfg["state_clip"])
-    except (ValueError, TypeError, RuntimeError) as e:
+    except RuntimeError as e:           # the backend is not available here
+        raise UsageError(f"--backend {cfg['backend']}: {e}") from None
+    except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     return model, step
 
@@ -544,7 +546,8 @@ def _check_resume(checkpoint, cfg, task, mpath):
     rec = next((r for _, r in read_records(mpath) if r.get("type") == "config"), None)
     if rec is None:
         return
-    diff = [k for k in DEFAULTS if k not in RESUME_OVERRIDES and rec.get(k) != cfg.get(k)]
+    diff = [k for k in DEFAULTS
+            if k in rec and k not in RESUME_OVERRIDES and rec[k] != cfg.get(k)]
     if diff:
         what = ", ".join(f"{k.replace('_', '-')} {cfg.get(k)!r} (the directory's run: "
                          f"{rec.get(k)!r})" for k in diff)
