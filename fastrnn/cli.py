@@ -569,7 +569,7 @@ def train_run(cfg, out, *, checkpoint=None, progress="auto", title=None, stream=
             task.windows_per_epoch(cfg["batch"])
         except ValueError as e:
             raise UsageError(str(e)) from None
-    mpath, cpath = os.path.join(out, METRICS), os.path.join(out, CHECKPOINT)
+    mpath = os.path.join(out, METRICS)
     if checkpoint is None:
         model, ts = build(cfg, task)
     else:

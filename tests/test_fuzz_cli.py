@@ -19,7 +19,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastrnn as fr
@@ -157,8 +157,9 @@ def _train(model, opt, n, seed):
 
 
 @fuzz(1.0)
-@given(model=models(), opt=optimizers(), n=st.integers(0, 2), step=st.none() | st.integers(0, 10 ** 6),
-       extra=extras, with_ts=st.booleans(), seed=st.integers(0, 9))
+@given(model=models(), opt=optimizers(), n=st.integers(0, 2),
+       step=st.none() | st.integers(0, 10 ** 6), extra=extras, with_ts=st.booleans(),
+       seed=st.integers(0, 9))
 def test_save_load_round_trip(model, opt, n, step, extra, with_ts, seed):
     ts = _train(model, opt, n, seed) if with_ts else None
     with tempfile.TemporaryDirectory() as d:
