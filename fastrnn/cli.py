@@ -11,6 +11,7 @@
   fastrnn plot       (re)draw the picture of a run directory
 """
 import argparse
+import errno
 import json
 import math
 import os
@@ -24,14 +25,27 @@ import numpy as np
 
 from . import cli_mpi as _mpi
 from . import tasks as _tasks
+from .checkpoint import RUN_CHECKPOINT
 
-CHECKPOINT = "checkpoint.npz"
+CHECKPOINT = RUN_CHECKPOINT
 METRICS = "metrics.jsonl"
 PICTURE = "training.png"
 
 
 class UsageError(Exception):
     """A bad combination of options: reported as `fastrnn CMD: error: ...`, exit 2."""
+
+
+class RunError(Exception):
+    """A run that cannot go on (every step skipped, ...): reported as
+    `fastrnn CMD: error: ...`, exit 1 (as are filesystem errors)."""
+
+
+# a run stops with an error after this many skipped steps in a row (or when
+# every step of a shorter run was skipped): its parameters no longer change
+STOP_AFTER_SKIPPED = 100
+# a log window with at least this fraction of skipped steps warns (once a run)
+WARN_SKIPPED_FRACTION = 0.1
 
 
 # ---------------------------------------------------------------------------
@@ -117,12 +131,22 @@ def _check_config(cfg):
         if cfg[k] < 1:
             raise UsageError(f"--{k.replace('_', '-')}: expected an integer >= 1, "
                              f"got {cfg[k]}")
+    if cfg["test_size"] is not None and cfg["test_size"] < 1:
+        raise UsageError(f"--test-size: expected an integer >= 1, got {cfg['test_size']}")
+    dtype = np.dtype(cfg["dtype"])
+    big = float(np.finfo(dtype).max)
     for k in ("lr", "clip_norm", "clip_value", "state_clip"):
         v = cfg[k]
         if v is not None and not (math.isfinite(v) and v > 0):
             raise UsageError(f"--{k.replace('_', '-')}: expected a number > 0, got {v}")
-    if cfg["momentum"] < 0:
+        if v is not None and v > big:
+            raise UsageError(f"--{k.replace('_', '-')}: {v:g} is not finite in "
+                             f"{dtype.name} (largest {big:.3g})")
+    if not (math.isfinite(cfg["momentum"]) and cfg["momentum"] >= 0):
         raise UsageError(f"--momentum: expected a number >= 0, got {cfg['momentum']}")
+    fb = cfg["forget_bias"]
+    if fb is not None and not (math.isfinite(fb) and abs(fb) <= big):
+        raise UsageError(f"--forget-bias: expected a finite number, got {fb}")
     if cfg["seed"] < 0:
         raise UsageError(f"--seed: expected an integer >= 0, got {cfg['seed']}")
     if cfg["cell"] == "lstm" and cfg["init"] == "identity":
@@ -173,7 +197,9 @@ def build(cfg, task):
         elif cfg["clip_value"] is not None:
             clip = fr.ClipValue(cfg["clip_value"])
         step = fr.TrainStep(model, opt, clip=clip, state_clip=cfg["state_clip"])
-    except (ValueError, TypeError, RuntimeError) as e:
+    except RuntimeError as e:           # the backend is not available here
+        raise UsageError(f"--backend {cfg['backend']}: {e}") from None
+    except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     return model, step
 
@@ -360,27 +386,45 @@ def _num(v):
     return v if math.isfinite(v) else None
 
 
+def read_records(path):
+    """[(line, record)] of a metrics.jsonl file. An incomplete last line (a
+    crash in the middle of writing it) is dropped; any other line that is not
+    a JSON object is a UsageError naming the file and the line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError:
+            r = None
+        if not isinstance(r, dict):
+            if n == len(lines):
+                break
+            raise UsageError(f"{path}: line {n} is not a JSON record (a damaged file)")
+        out.append((line if line.endswith("\n") else line + "\n", r))
+    return out
+
+
 def read_metrics(run_dir):
     """The records of a run's metrics.jsonl, grouped: config (dict), steps
     (dict of arrays: step, loss, grad_norm, clipped, skipped), evals (step,
     metric arrays) and flows (list of (step, norms))."""
     path = os.path.join(run_dir, METRICS)
     steps, evals, flows, config = [], [], [], {}
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            t = r.get("type")
-            if t == "step":
-                steps.append((r["step"], r["loss"], r["grad_norm"], r["clipped"],
-                              r["skipped"]))
-            elif t == "eval":
-                evals.append((r["step"], r["metric"]))
-            elif t == "flow":
-                flows.append((r["step"], np.array(r["norms"], dtype=float)))
-            elif t == "config":
-                config = r
+    for _, r in read_records(path):
+        t = r.get("type")
+        if t == "step":
+            steps.append((r["step"], r["loss"], r["grad_norm"], r["clipped"],
+                          r["skipped"]))
+        elif t == "eval":
+            evals.append((r["step"], r["metric"]))
+        elif t == "flow":
+            flows.append((r["step"], np.array(r["norms"], dtype=float)))
+        elif t == "config":
+            config = r
     a = np.array(steps, dtype=float).reshape(-1, 5)
     e = np.array(evals, dtype=float).reshape(-1, 2)
     return {"config": config,
@@ -391,17 +435,13 @@ def read_metrics(run_dir):
 
 
 def _truncate_metrics(path, step):
-    """Keep the records up to `step` (a resumed run repeats what came after)."""
+    """Keep the records up to `step` (a resumed run repeats what came after;
+    an incomplete last line is dropped)."""
     from .checkpoint import atomic_write
     if not os.path.exists(path):
         return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                if r.get("step") is None or r["step"] <= step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
+    keep = [line for line, r in read_records(path)
+            if not isinstance(r.get("step"), (int, float)) or r["step"] <= step]
     atomic_write(path, lambda f: f.write("".join(keep).encode()))
 
 
@@ -428,56 +468,165 @@ def _metric_str(task, m):
         f"{task.metric_name} {m:.4f}"
 
 
+def _make_dirs(path):
+    """os.makedirs(path), returning the directories it created, deepest first
+    (so that a run that fails before its first step can remove them)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OSError(errno.ENOTDIR, "exists and is not a directory", path)
+    created, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        created.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    os.makedirs(path, exist_ok=True)
+    return created
+
+
+def _remove_dirs(created):
+    """Remove the directories _make_dirs created, where they are empty."""
+    for d in created:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+
+
+def gradient_flow_record(metrics, model, flow_x, flow_y, step):
+    """Write the gradient flow on the fixed batch (fr.gradient_flow) to metrics."""
+    from .model import gradient_flow
+    norms = gradient_flow(model, flow_x, flow_y)
+    metrics.write(json.dumps({"type": "flow", "step": step,
+                              "norms": [_num(v) for v in norms]}) + "\n")
+
+
+def _warn(line):
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+# what a resumed run's model must have from its configuration and task
+def _model_mismatch(model, cfg, task):
+    """The first difference between a checkpoint's model and the run's
+    configuration, as text; None when they match."""
+    core = model.core
+    cell = "lstm" if type(core).__name__ == "LSTM" else "rnn"
+    pairs = [("cell", cell, cfg["cell"]), ("hidden", core.hidden_size, cfg["hidden"]),
+             ("layers", core.num_layers, cfg["layers"]),
+             ("bidirectional", bool(core.bidirectional), bool(cfg["bidirectional"])),
+             ("dtype", np.dtype(core.dtype).name, cfg["dtype"]),
+             ("input size", core.input_size, task.input_size),
+             ("output size", model.output_size, task.output_size),
+             ("loss", model.loss, task.loss), ("readout", model.readout, task.readout)]
+    if cell == "rnn":
+        pairs.append(("nonlinearity", core.nonlinearity, cfg["nonlinearity"]))
+    for name, got, want in pairs:
+        if got != want:
+            return f"{name} {got!r} (the configuration's: {want!r})"
+    return None
+
+
+def _check_resume(checkpoint, cfg, task, mpath):
+    """Refuse a checkpoint that cannot continue the run in this directory: no
+    training state, a model other than its configuration's, or a run other
+    than the one metrics.jsonl records (a checkpoint copied from elsewhere)."""
+    ex, ts = checkpoint.extra, checkpoint.train_step
+    if (ts is None or not isinstance(ex.get("rng"), np.random.Generator)
+            or not isinstance(ex.get("counters"), dict)
+            or not isinstance(checkpoint.step, int) or checkpoint.step < 0):
+        raise UsageError("--resume: the checkpoint has no training state")
+    bad = _model_mismatch(checkpoint.model, cfg, task)
+    if bad:
+        raise UsageError(f"--resume: the checkpoint's model does not match its "
+                         f"configuration: {bad}")
+    if task.stateful and ex.get("text_sha256") != task.sha256:
+        raise UsageError(f"--resume: {cfg['text']} is not the text the run was "
+                         "trained on (its contents changed)")
+    if not os.path.exists(mpath):
+        return
+    rec = next((r for _, r in read_records(mpath) if r.get("type") == "config"), None)
+    if rec is None:
+        return
+    diff = [k for k in DEFAULTS
+            if k in rec and k not in RESUME_OVERRIDES and rec[k] != cfg.get(k)]
+    if diff:
+        what = ", ".join(f"{k.replace('_', '-')} {cfg.get(k)!r} (the directory's run: "
+                         f"{rec.get(k)!r})" for k in diff)
+        raise UsageError(f"--resume: the checkpoint is from another run than "
+                         f"{mpath}: {what}")
+
+
 def train_run(cfg, out, *, checkpoint=None, progress="auto", title=None, stream=None,
               plot=True):
     """Train one model as configured; write metrics.jsonl, checkpoint.npz and the
     picture into `out`. `checkpoint`: a loaded fr.Checkpoint to resume from.
-    Returns the summary dict."""
-    from . import checkpoint as ckmod
-    from .model import gradient_flow
+    Returns the summary dict. Everything that can be checked is checked before
+    `out` is created; a run that fails before its first step removes the
+    directories it created."""
     stream = sys.stdout if stream is None else stream
-    say = lambda s: print(s, file=stream, flush=True)  # noqa: E731
     task = make_task(cfg)
     if task.stateful:
         try:
             task.windows_per_epoch(cfg["batch"])
         except ValueError as e:
             raise UsageError(str(e)) from None
-    os.makedirs(out, exist_ok=True)
-    mpath, cpath = os.path.join(out, METRICS), os.path.join(out, CHECKPOINT)
+    mpath = os.path.join(out, METRICS)
     if checkpoint is None:
         model, ts = build(cfg, task)
+    else:
+        _check_resume(checkpoint, cfg, task, mpath)
+        model, ts = checkpoint.model, checkpoint.train_step
+    test = task.test_set(cfg["seed"], cfg["test_size"])
+    flow_batch = task.flow_batch(cfg["seed"])
+    state = dict(i=0 if checkpoint is None else int(checkpoint.step), saved=False,
+                 metrics=None)
+    created = _make_dirs(out)
+    try:
+        return _train_loop(cfg, out, task, model, ts, checkpoint, test, flow_batch,
+                           state, progress, title, stream, plot)
+    except BaseException as e:
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = out
+        if state["metrics"] is not None:
+            state["metrics"].close()
+        if checkpoint is None and state["i"] == 0 and not state["saved"] and created:
+            try:
+                os.unlink(mpath)
+            except OSError:
+                pass
+            _remove_dirs(created)
+        raise
+
+
+def _train_loop(cfg, out, task, model, ts, checkpoint, test, flow_batch, state,
+                progress, title, stream, plot):
+    from . import checkpoint as ckmod
+    say = lambda s: print(s, file=stream, flush=True)  # noqa: E731
+    mpath, cpath = os.path.join(out, METRICS), os.path.join(out, CHECKPOINT)
+    if checkpoint is None:
         rng = np.random.default_rng(cfg["seed"])
         start, carry, metric = 0, None, None
         counters = dict(clipped=0, skipped=0, max_grad_norm=0.0, seconds=0.0,
                         solved_at=None)
-        metrics = open(mpath, "w")
+        metrics = state["metrics"] = open(mpath, "w")
         metrics.write(json.dumps({"type": "config", **cfg}) + "\n")
     else:
         ex = checkpoint.extra
-        model, ts = checkpoint.model, checkpoint.train_step
-        if ts is None or "rng" not in ex:
-            raise UsageError("--resume: the checkpoint has no training state")
-        if task.stateful and ex.get("text_sha256") != task.sha256:
-            raise UsageError(f"--resume: {cfg['text']} is not the text the run was "
-                             "trained on (its contents changed)")
         rng, start, carry = ex["rng"], int(checkpoint.step), ex.get("hx")
         metric, counters = ex.get("metric"), dict(ex["counters"])
+        new_file = not os.path.exists(mpath)
         _truncate_metrics(mpath, start)
-        metrics = open(mpath, "a")
+        metrics = state["metrics"] = open(mpath, "a")
+        if new_file:
+            metrics.write(json.dumps({"type": "config", **cfg}) + "\n")
+    counters.setdefault("skip_streak", 0)
     par = _mpi.active()      # None unless under mpiexec (fastrnn/cli_mpi.py)
     if par is not None:
         ts, carry = par.attach(ts, cfg), par.local_state(carry)
     steps, B = cfg["steps"], cfg["batch"]
-    test = task.test_set(cfg["seed"], cfg["test_size"])
-    flow_x, flow_y = task.flow_batch(cfg["seed"])
     ck_every = cfg["checkpoint_every"] or cfg["eval_every"]
     clip_limit = cfg["clip_norm"]
-
-    def flow_record(i):
-        norms = gradient_flow(model, flow_x, flow_y)
-        metrics.write(json.dumps({"type": "flow", "step": i,
-                                  "norms": [_num(v) for v in norms]}) + "\n")
+    stop_after = min(STOP_AFTER_SKIPPED, steps)
 
     def save(i):
         metrics.flush()
@@ -489,20 +638,27 @@ def train_run(cfg, out, *, checkpoint=None, progress="auto", title=None, stream=
             extra["text_sha256"] = task.sha256
         if task.name == "char":
             extra["vocab"] = task.vocab
-        ckmod.save(cpath, model, i, train_step=ts, extra=extra)
+        try:
+            ckmod.save(cpath, model, i, train_step=ts, extra=extra)
+        except OSError as e:
+            if e.filename is None:
+                e.filename = cpath
+            raise
+        state["saved"] = True
 
     if start == 0:
-        flow_record(0)
+        gradient_flow_record(metrics, model, *flow_batch, 0)
     desc = title or task.name
     bar = make_progress(progress, steps, start, desc, stream)
     t0 = time.perf_counter()
     sec0 = counters["seconds"]
-    win = dict(n=0, loss=0.0, grad=0.0, clipped=0, t=t0)   # since the last log line
+    win = dict(n=0, loss=0.0, grad=0.0, clipped=0, skipped=0, t=t0)  # since the last log
     rate = dict(t=t0, i=start, v=0.0)                         # steps/s for the bar
     recent = []                                               # for the bar's loss
     i = start
     lines = []
     stopped = False
+    warned = False
     interrupted = []
     old_handler = _on_sigint(interrupted) if par is None else None
     try:
@@ -512,19 +668,31 @@ def train_run(cfg, out, *, checkpoint=None, progress="auto", title=None, stream=
                 x, y = par.local_batch(task, x, y)
             r = ts(x, y, hx=None if reset else carry)
             i += 1
+            state["i"] = i
             if task.stateful:
                 carry = None if r.skipped else (tuple(np.array(a) for a in r.hx)
                                                 if isinstance(r.hx, tuple) else np.array(r.hx))
             g = float(r.grad_norm)
             counters["clipped"] += int(r.clipped)
             counters["skipped"] += int(r.skipped)
+            counters["skip_streak"] = counters["skip_streak"] + 1 if r.skipped else 0
             if math.isfinite(g):
                 counters["max_grad_norm"] = max(counters["max_grad_norm"], g)
             lines.append(f'{{"type": "step", "step": {i}, "loss": {_jf(r.loss)}, '
                          f'"grad_norm": {_jf(g)}, "clipped": {int(r.clipped)}, '
                          f'"skipped": {int(r.skipped)}}}\n')
+            if counters["skip_streak"] >= stop_after:
+                metrics.writelines(lines)
+                metrics.close()
+                n = counters["skip_streak"]
+                what = (f"all {n} steps were skipped" if n == i else
+                        f"{n} steps in a row were skipped (steps {i - n + 1}-{i})")
+                raise RunError(f"{what}: the loss or the gradient is not finite, so the "
+                               "parameters no longer change; try a smaller --lr, "
+                               "gradient clipping (--clip-norm) or check the data")
             win["n"] += 1
             win["clipped"] += int(r.clipped)
+            win["skipped"] += int(r.skipped)
             if math.isfinite(r.loss):
                 win["loss"] += r.loss
                 recent.append(r.loss)
@@ -553,7 +721,14 @@ def train_run(cfg, out, *, checkpoint=None, progress="auto", title=None, stream=
                           f"grad {win['grad'] / n:.3g} (max {counters['max_grad_norm']:.3g})  "
                           f"clipped {win['clipped'] / n:5.1%}  {_metric_str(task, metric)}  "
                           f"{n / max(time.perf_counter() - win['t'], 1e-9):.0f} steps/s")
-                win = dict(n=0, loss=0.0, grad=0.0, clipped=0, t=time.perf_counter())
+                if not warned and win["skipped"] and \
+                        win["skipped"] >= WARN_SKIPPED_FRACTION * n:
+                    warned = True
+                    _warn(f"{win['skipped']} of the last {win['n']} steps were skipped "
+                          "(non-finite loss or gradient); a smaller --lr or gradient "
+                          "clipping may help")
+                win = dict(n=0, loss=0.0, grad=0.0, clipped=0, skipped=0,
+                           t=time.perf_counter())
                 rate.update(t=win["t"], i=i)
                 if solved and cfg["stop_when_solved"]:
                     stopped = True
@@ -578,7 +753,7 @@ def train_run(cfg, out, *, checkpoint=None, progress="auto", title=None, stream=
         raise SystemExit(130)
     if metric is None:  # resumed at or past the end: measure once
         metric = float(task.evaluate(model, test))
-    flow_record(i)
+    gradient_flow_record(metrics, model, *flow_batch, i)
     save(i)
     metrics.close()
     seconds = counters["seconds"]
@@ -651,10 +826,18 @@ def cmd_train(args):
         ck_path = os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
         if not os.path.isfile(ck_path):
             raise UsageError(f"--resume: no checkpoint at {ck_path}")
-        ck = ckmod.load(ck_path)
-        if "config" not in ck.extra:
+        try:
+            ck = ckmod.load(ck_path)
+        except ValueError as e:
+            raise UsageError(f"--resume: {e}") from None
+        base = ck.extra.get("config")
+        if not (isinstance(base, dict) and all(k in base for k in DEFAULTS)):
             raise UsageError(f"--resume: {ck_path} was not written by `fastrnn train`")
-        cfg = resolve_config(args, base=ck.extra["config"])
+        try:
+            cfg = resolve_config(args, base=base)
+        except (TypeError, ValueError, KeyError) as e:
+            raise UsageError(f"--resume: {ck_path}: its configuration is damaged "
+                             f"({e})") from None
         out = os.path.dirname(os.path.abspath(ck_path))
         if args.out and os.path.abspath(args.out) != out:
             raise UsageError("--out: a resumed run continues in its own directory")
@@ -831,19 +1014,25 @@ def cmd_compare(args):
     cfg0 = runs[0][2]
     task = make_task(cfg0)
     out = args.out or default_out(cfg0, tag="compare")
-    os.makedirs(out, exist_ok=True)
+    for _, _, cfg in runs:          # a model that cannot be built fails before any run
+        build(cfg, task)
+    created = _make_dirs(out)
     say(f"fastrnn compare: {task.describe()}, budget {cfg0['steps']} steps, "
         f"batch {cfg0['batch']}, H={cfg0['hidden']}, "
         f"{OPTIMIZER_NAMES[cfg0['optimizer']]} lr={cfg0['lr']:g}, seed {cfg0['seed']}"
         + (", each stops when solved" if cfg0["stop_when_solved"] else ""))
     say(f"  output: {out}")
     results = []
-    for name, label, cfg in runs:
-        say(f"--- {label}")
-        s = train_run(cfg, os.path.join(out, name), progress=args.progress, title=name,
-                      plot=False)
-        s.update(name=name, label=label)
-        results.append(s)
+    try:
+        for name, label, cfg in runs:
+            say(f"--- {label}")
+            s = train_run(cfg, os.path.join(out, name), progress=args.progress,
+                          title=name, plot=False)
+            s.update(name=name, label=label)
+            results.append(s)
+    except BaseException:
+        _remove_dirs(created)       # only while empty: nothing was run
+        raise
     table = compare_table(results)
     say("")
     say(table)
@@ -934,15 +1123,23 @@ def cmd_sample(args):
         path = os.path.join(path, CHECKPOINT)
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint: no such file: {path}")
-    ck = ckmod.load(path)
+    try:
+        ck = ckmod.load(path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     vocab = ck.extra.get("vocab")
-    if not vocab:
+    m = ck.model
+    if not (vocab and isinstance(vocab, str) and m.readout == "all"
+            and m.loss == "cross_entropy" and m.core.input_size == len(vocab)
+            and m.output_size == len(vocab)):
         raise UsageError(f"{path}: not a character-model checkpoint (train one with "
                          "`fastrnn train --task char --text FILE`)")
-    if args.temperature < 0:
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"--temperature: expected a number >= 0, got {args.temperature}")
     if args.length < 0:
         raise UsageError(f"--length: expected an integer >= 0, got {args.length}")
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed: expected an integer >= 0, got {args.seed}")
     text = sample_text(ck.model, vocab, args.length, temperature=args.temperature,
                        prime=args.prime, seed=args.seed)
     sys.stdout.write(text + "\n")
@@ -969,6 +1166,8 @@ def sample_text(model, vocab, length, *, temperature=1.0, prime="", seed=None):
     ids = np.array([index[c] for c in prime], dtype=np.int64)[:, None]
     z, h = model(ids)
     logits = np.asarray(z[-1, 0], dtype=np.float64)
+    if not np.all(np.isfinite(logits)):
+        raise RunError("the model's outputs are not finite (its parameters hold NaN or inf)")
     out = []
     for _ in range(length):
         if temperature == 0:
@@ -979,6 +1178,9 @@ def sample_text(model, vocab, length, *, temperature=1.0, prime="", seed=None):
         out.append(vocab[c])
         z, h = model(np.array([[c]], dtype=np.int64), hx=h)
         logits = np.asarray(z[0, 0], dtype=np.float64)
+        if not np.all(np.isfinite(logits)):
+            raise RunError("the model's outputs are not finite (its parameters hold "
+                           "NaN or inf)")
     return shown + "".join(out)
 
 
@@ -1301,7 +1503,29 @@ def main(argv=None):
     try:
         return args.func(args)
     except UsageError as e:
-        parser.exit(2, f"fastrnn {args.command}: error: {e}\n")
+        _exit(2, args.command, str(e))
+    except RunError as e:
+        _exit(1, args.command, str(e))
+    except OSError as e:
+        _exit(1, args.command, _os_message(e))
+
+
+def _os_message(e):
+    """One line for a filesystem error: 'PATH: No space left on device'."""
+    what = e.strerror or str(e) or type(e).__name__
+    if e.filename is not None:
+        where = os.fspath(e.filename)
+        if e.filename2 is not None:
+            where += f" -> {os.fspath(e.filename2)}"
+        return f"{where}: {what}"
+    return what
+
+
+def _exit(code, command, message):
+    message = " ".join(message.split("\n"))
+    sys.stderr.write(f"fastrnn {command}: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -198,3 +198,219 @@ def test_write_is_fsynced_then_renamed(tmp_path, monkeypatch):
                         lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
     fr.save(tmp_path / "ck.npz", _rnn_model())
     assert calls[:2] == ["fsync", "replace"]
+
+
+# -- hardening: crafted, foreign and damaged files; temp files; permissions ------
+
+def _rewrite(path, edit_meta=None, drop=(), add=None):
+    """Rewrite the checkpoint at `path` with its meta document edited by
+    edit_meta(meta) (in place), entries in `drop` left out and `add` added."""
+    import json
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if k not in drop}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    if edit_meta is not None:
+        edit_meta(meta)
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    arrays.update(add or {})
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def test_generator_names_come_from_a_fixed_table(tmp_path, monkeypatch):
+    path = tmp_path / "g.npz"
+    fr.save(path, _rnn_model(), extra={"rng": np.random.default_rng(0)})
+
+    def rename(name):
+        def edit(meta):
+            meta["extra"]["rng"]["__generator__"]["bit_generator"] = name
+        return edit
+    called = []
+    monkeypatch.setattr(np.random, "seed", lambda *a: called.append("seed"))
+    for name in ("seed", "test", "default_rng", "Generator", "__class__", 3, None):
+        _rewrite(path, rename(name))
+        with pytest.raises(ValueError, match=r"g\.npz.*extra\['rng'\].*bit generator"):
+            fr.load(path)
+    assert not called               # never looked up in np.random by its name
+
+
+@pytest.mark.parametrize("bitgen", ["PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937"])
+def test_every_numpy_bit_generator_round_trips(tmp_path, bitgen):
+    rng = np.random.Generator(getattr(np.random, bitgen)(7))
+    rng.random(3)
+    fr.save(tmp_path / "g.npz", _rnn_model(), extra={"rng": rng})
+    got = fr.load(tmp_path / "g.npz").extra["rng"]
+    assert type(got.bit_generator).__name__ == bitgen
+    np.testing.assert_array_equal(got.random(5), rng.random(5))
+
+
+def test_a_bad_generator_state_is_a_value_error(tmp_path):
+    path = tmp_path / "g.npz"
+    fr.save(path, _rnn_model(), extra={"rng": np.random.default_rng(0)})
+
+    def edit(meta):
+        meta["extra"]["rng"]["__generator__"]["state"] = "nonsense"
+    _rewrite(path, edit)
+    with pytest.raises(ValueError, match=r"g\.npz.*extra\['rng'\]"):
+        fr.load(path)
+
+
+def test_metadata_is_checked_against_the_stored_shapes_before_building(tmp_path,
+                                                                       monkeypatch):
+    path = tmp_path / "big.npz"
+
+    def never(*a, **k):
+        raise AssertionError("a model was built from a checkpoint that does not hold it")
+    for key, value in [("hidden_size", 8000), ("input_size", 10 ** 6), ("num_layers", 10 ** 9),
+                       ("bidirectional", False), ("output_size", 10 ** 7), ("bias", False),
+                       ("cell", "rnn"), ("dtype", "float32")]:
+        fr.save(path, _lstm_model())
+
+        def edit(meta, key=key, value=value):
+            meta["model"][key] = value
+            meta["model"].setdefault("nonlinearity", "tanh")
+        _rewrite(path, edit)
+        monkeypatch.setattr(checkpoint, "_build_model", never)
+        with pytest.raises(ValueError, match=rf"big\.npz.*{key}"):
+            fr.load(path)
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("key,value", [("hidden_size", "8"), ("hidden_size", -1),
+                                       ("num_layers", 0), ("cell", "gru"), ("dtype", "object"),
+                                       ("hidden_size", True), ("bias", 1)])
+def test_malformed_model_fields_are_value_errors(tmp_path, key, value):
+    path = tmp_path / "m.npz"
+    fr.save(path, _lstm_model())
+
+    def edit(meta):
+        meta["model"][key] = value
+    _rewrite(path, edit)
+    with pytest.raises(ValueError, match=rf"m\.npz.*{key}"):
+        fr.load(path)
+
+
+def test_missing_fields_and_arrays_are_value_errors(tmp_path):
+    path = tmp_path / "m.npz"
+    model = _lstm_model()
+    step = fr.TrainStep(model, fr.Adam(1e-3))
+    cases = [(lambda m: m["model"].pop("hidden_size"), (), "hidden_size"),
+             (lambda m: m.pop("model"), (), "model"),
+             (lambda m: m["train_step"]["hyper"].pop("beta2"), (), "beta2"),
+             (lambda m: m["train_step"].update(optimizer="lbfgs"), (), "optimizer"),
+             (lambda m: m["train_step"].update(steps=-3), (), "steps"),
+             (lambda m: m.update(step="ten"), (), "step"),
+             (None, ("opt_state",), "opt_state"),
+             (None, ("param/weight_hh_l1_reverse",), "weight_hh_l1_reverse")]
+    for edit, drop, name in cases:
+        fr.save(path, model, 3, train_step=step)
+        _rewrite(path, edit, drop)
+        with pytest.raises(ValueError, match=rf"m\.npz.*{name}"):
+            fr.load(path)
+
+
+def test_opt_state_shape_is_checked_before_building(tmp_path, monkeypatch):
+    path = tmp_path / "m.npz"
+    model = _rnn_model()
+    fr.save(path, model, train_step=fr.TrainStep(model, fr.SGD(0.1)))
+    _rewrite(path, add={"opt_state": np.zeros((2, 5), np.float32)})
+    monkeypatch.setattr(checkpoint, "_build_model", lambda *a: pytest.fail("built"))
+    with pytest.raises(ValueError, match=r"m\.npz.*opt_state"):
+        fr.load(path)
+
+
+def test_extra_array_references_are_checked(tmp_path):
+    path = tmp_path / "m.npz"
+    fr.save(path, _rnn_model(), extra={"a": np.arange(3)})
+
+    for ref in ("extra/7", "param/weight_ih_l0", 5):
+        def edit(meta, ref=ref):
+            meta["extra"]["a"] = {"__array__": ref}
+        fr.save(path, _rnn_model(), extra={"a": np.arange(3)})
+        _rewrite(path, edit)
+        with pytest.raises(ValueError, match=r"m\.npz.*extra\['a'\]"):
+            fr.load(path)
+
+
+def test_not_a_checkpoint_is_a_value_error_naming_the_file(tmp_path):
+    good = tmp_path / "good.npz"
+    fr.save(good, _lstm_model(), 2)
+    data = good.read_bytes()
+    (tmp_path / "text.npz").write_text("hello, I am a text file\n" * 20)
+    (tmp_path / "cut.npz").write_bytes(data[:len(data) // 2])
+    (tmp_path / "cut_end.npz").write_bytes(data[:-30])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.save(tmp_path / "arr.npy", np.zeros(3))
+    np.savez(tmp_path / "foreign.npz", meta=np.zeros(3))
+    np.savez(tmp_path / "foreign2.npz", meta=np.frombuffer(b"{not json", np.uint8))
+    np.savez(tmp_path / "objects.npz", meta=np.array([{"a": 1}], dtype=object))
+    for name in ("text.npz", "cut.npz", "cut_end.npz", "empty.npz", "arr.npy",
+                 "foreign.npz", "foreign2.npz", "objects.npz"):
+        with pytest.raises(ValueError, match=rf"{name}.*not a fastrnn checkpoint") as e:
+            fr.load(tmp_path / name)
+        assert "pickled" not in str(e.value)
+
+
+def test_flipped_bytes_are_refused_or_harmless(tmp_path):
+    good = tmp_path / "good.npz"
+    model = _rnn_model()
+    fr.save(good, model, 2, extra={"rng": np.random.default_rng(1)})
+    data = good.read_bytes()
+    bad = tmp_path / "bad.npz"
+    for pos in range(0, len(data), max(1, len(data) // 97)):
+        bad.write_bytes(data[:pos] + bytes([data[pos] ^ 0x5A]) + data[pos + 1:])
+        try:
+            ck = fr.load(bad)
+        except ValueError as e:
+            assert "bad.npz" in str(e)
+        else:
+            assert _params_equal(ck.model, model) and ck.step == 2
+
+
+def test_load_accepts_a_run_directory(tmp_path):
+    model = _rnn_model()
+    fr.save(tmp_path / "checkpoint.npz", model, 4)
+    ck = fr.load(tmp_path)
+    assert ck.step == 4 and _params_equal(ck.model, model)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="checkpoint.npz"):
+        fr.load(empty)
+
+
+def test_stale_temporary_files_of_the_target_are_removed(tmp_path):
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = [".ck.npz.ab12_x9z.tmp",                 # an older version's mkstemp name
+             f".ck.npz.{dead}-0123abcd.tmp"]         # a killed process's
+    keep = [f".ck.npz.{os.getppid()}-0123abcd.tmp",  # a live process's save in flight
+            ".other.npz.ab12_x9z.tmp", ".ck.npz.b.ab12_x9z.tmp", "ck.npz.tmp",
+            ".ck.npz.ab12_x9z.tmp.bak", ".ck.npzz.ab12_x9z.tmp", "notes.txt"]
+    for n in stale + keep:
+        (tmp_path / n).write_bytes(b"x" * 10)
+    fr.save(tmp_path / "ck.npz", _rnn_model())
+    assert sorted(os.listdir(tmp_path)) == sorted(keep + ["ck.npz"])
+    assert fr.load(tmp_path / "ck.npz").step is None
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_file_mode_follows_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        fr.save(tmp_path / "ck.npz", _rnn_model())
+        with open(tmp_path / "plain", "wb"):
+            pass
+    finally:
+        os.umask(old)
+    mode = os.stat(tmp_path / "ck.npz").st_mode & 0o777
+    assert mode == 0o666 & ~umask == os.stat(tmp_path / "plain").st_mode & 0o777
+
+
+def test_overwrite_keeps_the_file_mode(tmp_path):
+    path = tmp_path / "ck.npz"
+    fr.save(path, _rnn_model())
+    os.chmod(path, 0o640)
+    fr.save(path, _rnn_model(), 1)
+    assert os.stat(path).st_mode & 0o777 == 0o640

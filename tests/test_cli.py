@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -407,3 +408,227 @@ def test_tqdm_bar_when_available():
     p.write("line")
     p.close()
     assert "line" in s.getvalue()
+
+
+# -- hardening: bad values, skipped steps, damaged files, filesystem errors ---------
+
+def _one_line_error(err, command="train"):
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"fastrnn {command}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--test-size", "0"], "--test-size"),
+    (["--test-size", "-5"], "--test-size"),
+    (["--forget-bias", "nan"], "--forget-bias"),
+    (["--forget-bias", "inf"], "--forget-bias"),
+    (["--lr", "1e39"], "--lr"),                       # not finite in float32
+    (["--lr", "nan"], "--lr"),
+    (["--clip-norm", "1e39"], "--clip-norm"),
+    (["--momentum", "nan"], "--momentum"),
+    (["--momentum", "-1"], "--momentum"),
+    (["--state-clip", "inf"], "--state-clip"),
+])
+def test_bad_values_exit_2_with_a_message(tmp_path, capsys, argv, message):
+    out = tmp_path / "r"
+    code, err = _exit_code(["train", *TINY, "--steps", "2", *argv, "--out", str(out)], capsys)
+    assert code == 2 and message in _one_line_error(err)
+    assert not out.exists()
+
+
+def test_bad_values_in_compare_exit_2(tmp_path, capsys):
+    code, err = _exit_code(["compare", "--test-size", "0", "--out", str(tmp_path / "c")],
+                           capsys)
+    assert code == 2 and "--test-size" in _one_line_error(err, "compare")
+    assert not (tmp_path / "c").exists()
+
+
+def test_lr_large_but_finite_in_float64_is_accepted():
+    assert _cfg("--lr", "1e39", "--dtype", "float64")["lr"] == 1e39
+
+
+def _nan_batches(monkeypatch, every=1):
+    """Make every `every`-th training batch of the adding task non-finite."""
+    real = cli._tasks.Task.train_batch
+
+    def batch(self, rng, B, step):
+        x, y, reset = real(self, rng, B, step)
+        if step % every == 0:
+            x = x.copy()
+            x[0, 0, 0] = np.nan
+        return x, y, reset
+    monkeypatch.setattr(cli._tasks.Task, "train_batch", batch)
+
+
+def test_a_run_whose_steps_are_all_skipped_stops_with_an_error(tmp_path, capsys,
+                                                                monkeypatch, no_matplotlib):
+    _nan_batches(monkeypatch)
+    out = tmp_path / "r"
+    code, err = _exit_code(["train", *TINY, "--steps", "12", "--out", str(out)], capsys)
+    line = _one_line_error(err)
+    assert code == 1 and "skipped" in line and "12" in line
+    steps = [json.loads(ln) for ln in open(out / "metrics.jsonl")
+             if '"step"' in ln and '"type": "step"' in ln]
+    assert len(steps) == 12 and all(r["skipped"] for r in steps)
+
+
+def test_a_long_run_of_skipped_steps_stops_early(tmp_path, capsys, monkeypatch,
+                                                 no_matplotlib):
+    _nan_batches(monkeypatch)
+    out = tmp_path / "r"
+    code, err = _exit_code(["train", *TINY, "--steps", "100000", "--eval-every", "50000",
+                            "--out", str(out)], capsys)
+    assert code == 1 and "skipped" in _one_line_error(err)
+    n = sum('"type": "step"' in ln for ln in open(out / "metrics.jsonl"))
+    assert n == cli.STOP_AFTER_SKIPPED
+
+
+def test_many_skipped_steps_warn(tmp_path, capsys, monkeypatch, no_matplotlib):
+    _nan_batches(monkeypatch, every=3)
+    code, text, err = _run(["train", *TINY, "--steps", "12", "--out", str(tmp_path / "r")],
+                           capsys)
+    assert code == 0
+    assert "warning:" in err and "skipped" in err
+    assert "skipped (non-finite) 4" in text
+
+
+def test_resume_drops_an_incomplete_last_metrics_line(tmp_path, capsys, no_matplotlib):
+    extra = [*TINY, "--no-stop", "--dtype", "float64"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert cli.main(["train", *extra, "--steps", "20", "--out", a]) == 0
+    assert cli.main(["train", *extra, "--steps", "10", "--out", b]) == 0
+    with open(os.path.join(b, "metrics.jsonl"), "a") as f:
+        f.write('{"type": "step", "step": 11, "loss": 0.2')       # a crash mid-write
+    assert cli.main(["train", "--resume", b, "--steps", "20", "--progress", "log"]) == 0
+    _assert_same_run(a, b)
+    for line in open(os.path.join(b, "metrics.jsonl")):
+        json.loads(line)
+    assert cli.read_metrics(b)["steps"]["step"].tolist() == list(range(1, 21))
+
+
+def test_plot_reads_metrics_with_an_incomplete_last_line(tmp_path, capsys, no_matplotlib):
+    out = str(tmp_path / "r")
+    cli.main(["train", *TINY, "--steps", "3", "--out", out])
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"type": "st')
+    assert cli.read_metrics(out)["steps"]["step"].tolist() == [1, 2, 3]
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, capsys, no_matplotlib):
+    a, b, c = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c")
+    cli.main(["train", *TINY, "--steps", "3", "--out", a])
+    cli.main(["train", *TINY, "--steps", "3", "--task", "memorization", "--T", "3",
+              "--out", b])
+    cli.main(["train", *TINY, "--steps", "3", "--hidden", "5", "--out", c])
+    capsys.readouterr()
+    shutil.copy(os.path.join(b, "checkpoint.npz"), os.path.join(a, "checkpoint.npz"))
+    code, err = _exit_code(["train", "--resume", a, "--steps", "6"], capsys)
+    line = _one_line_error(err)
+    assert code == 2 and "task" in line and "memorization" in line and "adding" in line
+    shutil.copy(os.path.join(c, "checkpoint.npz"), os.path.join(a, "checkpoint.npz"))
+    code, err = _exit_code(["train", "--resume", a, "--steps", "6"], capsys)
+    line = _one_line_error(err)
+    assert code == 2 and "hidden" in line
+
+
+def test_resume_refuses_a_model_that_does_not_match_its_configuration(
+        tmp_path, capsys, no_matplotlib):
+    a = str(tmp_path / "a")
+    cli.main(["train", *TINY, "--steps", "3", "--out", a])
+    ck = fr.load(a)
+    ex = dict(ck.extra, config=dict(ck.extra["config"], hidden=7))
+    fr.save(os.path.join(a, "checkpoint.npz"), ck.model, ck.step, train_step=ck.train_step,
+            extra=ex)
+    code, err = _exit_code(["train", "--resume", a, "--steps", "6"], capsys)
+    assert code == 2 and "hidden" in _one_line_error(err)
+
+
+@pytest.fixture
+def not_checkpoints(tmp_path):
+    model = fr.SequenceModel(fr.LSTM(3, 4, seed=0), 3)
+    fr.save(tmp_path / "good.npz", model)
+    data = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "text.txt").write_text("just some text\n" * 10)
+    np.savez(tmp_path / "foreign.npz", a=np.zeros(3))
+    (tmp_path / "cut.npz").write_bytes(data[:len(data) // 3])
+    return [str(tmp_path / n) for n in ("text.txt", "foreign.npz", "cut.npz")]
+
+
+def test_resume_and_sample_on_a_file_that_is_not_a_checkpoint(not_checkpoints, capsys):
+    for path in not_checkpoints:
+        code, err = _exit_code(["train", "--resume", path], capsys)
+        line = _one_line_error(err)
+        assert code == 2 and path in line and "not a fastrnn checkpoint" in line
+        assert "pickled" not in line
+        code, err = _exit_code(["sample", path], capsys)
+        line = _one_line_error(err, "sample")
+        assert code == 2 and path in line and "not a fastrnn checkpoint" in line
+
+
+def test_out_naming_a_file_is_a_one_line_error(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    code, err = _exit_code(["train", *TINY, "--steps", "2", "--out", str(f / "run")], capsys)
+    assert code == 1 and str(f) in _one_line_error(err)
+    code, err = _exit_code(["train", *TINY, "--steps", "2", "--out", str(f)], capsys)
+    assert code == 1 and str(f) in _one_line_error(err)
+    assert f.read_text() == "x"
+
+
+def test_unwritable_directory_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import errno
+    real = os.makedirs
+
+    def denied(path, *a, **k):
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *a, **k)
+    monkeypatch.setattr(os, "makedirs", denied)
+    code, err = _exit_code(["train", *TINY, "--steps", "2", "--out",
+                            str(tmp_path / "ro" / "run")], capsys)
+    line = _one_line_error(err)
+    assert code == 1 and "Permission denied" in line and "ro" in line
+
+
+def test_disk_full_before_the_first_step_leaves_no_run_directory(tmp_path, capsys,
+                                                                 monkeypatch):
+    import errno
+    real = cli.gradient_flow_record
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(cli, "gradient_flow_record", full)
+    out = tmp_path / "runs" / "r"
+    code, err = _exit_code(["train", *TINY, "--steps", "2", "--out", str(out)], capsys)
+    assert code == 1 and "No space left on device" in _one_line_error(err)
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setattr(cli, "gradient_flow_record", real)
+
+
+def test_disk_full_at_a_checkpoint_is_a_one_line_error(tmp_path, capsys, monkeypatch,
+                                                       no_matplotlib):
+    import errno
+    from fastrnn import checkpoint
+
+    def full(f, arrays):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint, "_write_arrays", full)
+    out = tmp_path / "r"
+    code, err = _exit_code(["train", *TINY, "--steps", "6", "--out", str(out)], capsys)
+    assert code == 1 and "No space left on device" in _one_line_error(err)
+    assert [n for n in os.listdir(out) if n.endswith(".tmp")] == []
+
+
+def test_unavailable_backend_leaves_no_run_directory(tmp_path, capsys, monkeypatch):
+    if fr.available_backends()["cuda"][0]:
+        pytest.skip("CUDA is available here")
+    monkeypatch.chdir(tmp_path)
+    code, err = _exit_code(["train", *TINY, "--backend", "cuda"], capsys)
+    assert code == 2 and "cuda" in _one_line_error(err)
+    assert os.listdir(tmp_path) == []
+    code, err = _exit_code(["compare", "--backend", "cuda", "--T", "5", "--steps", "2",
+                            "--progress", "none"], capsys)
+    assert code == 2 and "cuda" in _one_line_error(err, "compare")
+    assert os.listdir(tmp_path) == []
