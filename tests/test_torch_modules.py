@@ -16,8 +16,17 @@ from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
 
 import fastrnn.torch as frt  # noqa: E402
 from conftest import assert_close  # noqa: E402
+from fastrnn.torch import ops  # noqa: E402
 
 TD = {np.float32: torch.float32, np.float64: torch.float64}
+
+
+@pytest.fixture(params=["function", "custom_op"])
+def path(request, monkeypatch):
+    """Eager calls through ops._Eager (the default) or through the custom
+    ops with their registered autograd (what compiled code runs)."""
+    monkeypatch.setattr(ops, "EAGER_FUNCTION", request.param == "function")
+    return request.param
 
 
 def _np(t):
@@ -92,7 +101,7 @@ CASES = [  # kind, L, bidir, batch_first, hx given, dtype
 
 
 @pytest.mark.parametrize("kind,L,bidir,bf,with_hx,dtype", CASES)
-def test_parity_with_torch(kind, L, bidir, bf, with_hx, dtype):
+def test_parity_with_torch(kind, L, bidir, bf, with_hx, dtype, path):
     T, B, I, H = 5, 3, 4, 3
     lstm = kind == "lstm"
     tm, fm = _pair("lstm" if lstm else "rnn", I, H, L, bidir, bf, dtype,
@@ -130,7 +139,7 @@ def test_unbatched_input(kind):
 
 @pytest.mark.parametrize("kind,dtype", [("lstm", np.float64), ("tanh", np.float32)])
 @pytest.mark.parametrize("bf", [False, True])
-def test_packed_sequence(kind, dtype, bf):
+def test_packed_sequence(kind, dtype, bf, path):
     """A PackedSequence in gives one out: same data, batch sizes and
     indices as torch's, and the same gradients (unsorted lengths, hx)."""
     lstm = kind == "lstm"
@@ -245,7 +254,7 @@ def test_gradients_accumulate_and_two_forwards():
         _close(a.grad, b.grad, np.float64, n)
 
 
-def test_retain_graph_and_double_backward_error():
+def test_retain_graph_and_double_backward_error(path):
     _, fm = _pair("lstm", 3, 4, 1)
     x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     loss = fm(x)[0].pow(2).sum()
@@ -293,9 +302,13 @@ def test_opcheck(mode, cells):
     x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
     c0 = (torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True) if lstm
-          else torch.empty(0, dtype=torch.float64))
+          else None)
     args = (x, params, h0, c0, torch.tensor([4, 2]), mode, 2, 2, 2, True, False,
             "numba", cells)
+    torch.library.opcheck(torch.ops.fastrnn.core_forward.default, args)
+    # no initial state, all steps valid
+    args = (x, params, None, None, None, mode, 2, 2, 2, True, False, "numba",
+            cells)
     torch.library.opcheck(torch.ops.fastrnn.core_forward.default, args)
 
 
@@ -322,7 +335,7 @@ def test_torch_compile_fullgraph():
     del model
 
 
-def test_return_cell_states_against_lstmcell_loop():
+def test_return_cell_states_against_lstmcell_loop(path):
     """c_seq (and the gradients through it) of a 2-layer bidirectional LSTM
     against nn.LSTM for layer 0 and two nn.LSTMCell loops for the top
     layer, batch_first."""
@@ -501,3 +514,19 @@ def test_import_fastrnn_does_not_import_torch():
     code = "import sys, fastrnn; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
     warnings.simplefilter("default")
+
+
+def test_gathered_parameters_and_no_leaked_caches():
+    """Parameters that are not one buffer (replaced .data) are gathered per
+    call and still give torch's numbers; every forward's cache is released
+    when its graph goes (after backward, or at once without grad)."""
+    tm, fm = _pair("lstm", 3, 4, 2, True, False, np.float64)
+    fm.weight_hh_l1.data = fm.weight_hh_l1.data.clone()
+    assert ops._flat_params(list(fm.parameters())).data_ptr() != \
+        fm.weight_ih_l0.data_ptr()
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    _compare(tm, fm, x, None, True, np.float64)
+    with torch.no_grad():
+        fm(x)
+    fm(x)
+    assert not ops._TABLE

@@ -92,7 +92,8 @@ class _Base(nn.Module):
         self.register_load_state_dict_post_hook(lambda m, _keys: m.flatten_parameters())
 
     def _params(self):
-        return [getattr(self, n) for n in self._names]
+        ps = self._parameters
+        return [ps[n] for n in self._names]
 
     def flatten_parameters(self):
         """Make the parameters consecutive views of one buffer again (after
@@ -126,7 +127,7 @@ class _Base(nn.Module):
                             f"got {x.dtype}")
         if not x.is_floating_point():
             raise TypeError(f"input: expected a float tensor, got {x.dtype}")
-        out, h_n, c_n, cs, _ = torch.ops.fastrnn.core_forward(
+        out, h_n, c_n, cs, _ = ops.run(
             x.contiguous(), self._params(), h0, c0, lengths, self._mode,
             self.hidden_size, L, D, self.bias, self._spec.cell, self.backend,
             cells)
@@ -191,8 +192,7 @@ class _Recurrent(_Base):
         B = x.shape[1]
         shape = (L * D, B, H)
         if hx is None:
-            h0 = x.new_zeros(shape)
-            c0 = x.new_zeros(shape) if lstm else x.new_empty(0)
+            h0 = c0 = None
         else:
             if lstm:
                 if not isinstance(hx, (tuple, list)) or len(hx) != 2:
@@ -208,8 +208,7 @@ class _Recurrent(_Base):
                 h0 = h0.index_select(1, sorted_idx)
                 c0 = c0.index_select(1, sorted_idx) if lstm else c0
             h0 = self._state(h0, shape, "hx[0] (h_0)" if lstm else "hx", x.dtype)
-            c0 = (self._state(c0, shape, "hx[1] (c_0)", x.dtype) if lstm
-                  else x.new_empty(0))
+            c0 = self._state(c0, shape, "hx[1] (c_0)", x.dtype) if lstm else None
         if return_cell_states and not lstm:
             raise ValueError("return_cell_states: only the LSTM has cell states")
         out, h_n, c_n, cs = self._run(x, h0, c0, lengths, L, D,
@@ -307,8 +306,7 @@ class _Cell(_Base):
         B, H = x.shape[1], self.hidden_size
         shape = (B, H) if batched else (H,)
         if hx is None:
-            h0 = x.new_zeros((1, B, H))
-            c0 = x.new_zeros((1, B, H)) if lstm else x.new_empty(0)
+            h0 = c0 = None
         else:
             if lstm:
                 if not isinstance(hx, (tuple, list)) or len(hx) != 2:
@@ -318,7 +316,7 @@ class _Cell(_Base):
                 c0 = self._state(hx[1], shape, "hx[1] (c)", x.dtype).reshape(1, B, H)
             else:
                 h0 = self._state(hx, shape, "hx", x.dtype).reshape(1, B, H)
-                c0 = x.new_empty(0)
+                c0 = None
         _, h_n, c_n, _ = self._run(x, h0, c0, None, 1, 1)
         h = h_n[0] if batched else h_n[0, 0]
         if lstm:

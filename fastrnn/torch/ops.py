@@ -27,6 +27,7 @@ is used in place; otherwise they are gathered into one (a copy of the
 parameters, small beside the step). CPU tensors are read through
 ``.numpy()`` views, without copies.
 """
+import functools
 import weakref
 from typing import List, Optional, Tuple
 
@@ -38,10 +39,11 @@ from fastrnn._spec import make_spec
 
 Tensor = torch.Tensor
 
-_TABLE = {}    # handle address -> (backend module, spec, cache, ctx, pool key)
+_TABLE = {}    # handle address -> (backend, spec, cache, ctx, pool key, flat, weakref)
 _POOL = {}     # (backend, spec, dtype) -> free ctx dicts (backend workspaces)
 
 
+@functools.lru_cache(maxsize=256)
 def _spec(mode, I, H, L, D, bias, cell):
     return make_spec(mode, I, H, L, D, bias, cell=cell)
 
@@ -50,22 +52,20 @@ def _flat_params(params):
     """One contiguous 1-D tensor holding the parameters in order: the
     common buffer when they are consecutive views of it, else a copy."""
     p0 = params[0]
-    n = sum(p.numel() for p in params)
-    st = p0.untyped_storage()
+    size = p0.element_size()
+    addr = p0.data_ptr()
+    n = 0
+    for p in params:
+        # consecutive, contiguous and of one dtype: together one block of
+        # memory, which is p0's storage when that is large enough
+        if (p.data_ptr() != addr + n * size or not p.is_contiguous()
+                or p.dtype != p0.dtype):
+            return torch.cat([q.detach().reshape(-1) for q in params])
+        n += p.numel()
     off = p0.storage_offset()
-    ok = p0.is_contiguous()
-    if ok:
-        base = st.data_ptr()
-        pos = off
-        for p in params:
-            if (not p.is_contiguous() or p.storage_offset() != pos
-                    or p.untyped_storage().data_ptr() != base):
-                ok = False
-                break
-            pos += p.numel()
-    if ok and st.nbytes() >= (off + n) * p0.element_size():
+    if p0.untyped_storage().nbytes() >= (off + n) * size:
         return p0.detach().as_strided((n,), (1,), off)
-    return torch.cat([p.detach().reshape(-1) for p in params])
+    return torch.cat([q.detach().reshape(-1) for q in params])
 
 
 def _np(t):
@@ -84,7 +84,7 @@ def _take_ctx(key):
 def _release(addr):
     entry = _TABLE.pop(addr, None)
     if entry is not None:
-        _, _, _, ctx, key = entry
+        _, _, _, ctx, key, _, _ = entry
         _POOL.setdefault(key, []).append(ctx)
 
 
@@ -92,10 +92,12 @@ def _new_handle(entry):
     """An int64 tensor (value 0) whose storage keys `entry` in the table
     for as long as the storage lives."""
     arr = np.zeros(1, dtype=np.int64)
-    addr = arr.ctypes.data
-    _TABLE[addr] = entry
-    weakref.finalize(arr, _release, addr)
-    return torch.from_numpy(arr)
+    t = torch.from_numpy(arr)
+    addr = t.data_ptr()
+    # a plain weak reference kept in the entry (weakref.finalize took
+    # ~50 us a call here); its callback runs when the array is freed
+    _TABLE[addr] = entry + (weakref.ref(arr, lambda _, a=addr: _release(a)),)
+    return t
 
 
 def _check_device(t, what):
@@ -105,14 +107,11 @@ def _check_device(t, what):
             "supported so far (the cuda backend takes NumPy/numba arrays)")
 
 
-@torch.library.custom_op("fastrnn::core_forward", mutates_args=())
-def core_forward(x: Tensor, params: List[Tensor], h0: Tensor, c0: Tensor,
-                 lengths: Optional[Tensor], mode: str, hidden_size: int,
-                 num_layers: int, num_directions: int, bias: bool, cell: bool,
-                 backend: str, cells: bool
-                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _forward_impl(x, params, h0, c0, lengths, mode, hidden_size, num_layers,
+                  num_directions, bias, cell, backend, cells):
     """x (T, B, I) time-major; params in the spec's order; h0, c0
-    (L*D, B, H) (c0 empty for the RNN); lengths (B,) int64 or None.
+    (L*D, B, H) or None (zeros; c0 unused by the RNN); lengths (B,) int64
+    or None (all T steps valid).
     Returns out (T, B, D*H), h_n, c_n (empty for the RNN), c_seq
     (T, B, D*H) of the top layer when `cells` (else empty), handle."""
     _check_device(x, "input")
@@ -120,9 +119,11 @@ def core_forward(x: Tensor, params: List[Tensor], h0: Tensor, c0: Tensor,
     spec = _spec(mode, I, hidden_size, num_layers, num_directions, bias, cell)
     flat = _np(_flat_params(params))
     lstm = mode == "lstm"
-    state0 = np.empty((2 if lstm else 1,) + tuple(h0.shape), dtype=flat.dtype)
-    state0[0] = _np(h0)
-    if lstm:
+    shape = (num_layers * num_directions, B, hidden_size)
+    state0 = np.zeros((2 if lstm else 1,) + shape, dtype=flat.dtype)
+    if h0 is not None:
+        state0[0] = _np(h0)
+    if lstm and c0 is not None:
         state0[1] = _np(c0)
     ln = (np.full(B, T, dtype=np.int64) if lengths is None
           else np.ascontiguousarray(_np(lengths), dtype=np.int64))
@@ -135,11 +136,23 @@ def core_forward(x: Tensor, params: List[Tensor], h0: Tensor, c0: Tensor,
     except BaseException:
         _POOL[key].append(ctx)
         raise
-    handle = _new_handle((be, spec, cache, ctx, key))
+    handle = _new_handle((be, spec, cache, ctx, key, flat))
     cs = (torch.from_numpy(be.top_cells(spec, cache)) if cells
           else x.new_empty(0))
     c_n = torch.from_numpy(st_n[1]) if lstm else x.new_empty(0)
     return torch.from_numpy(out), torch.from_numpy(st_n[0]), c_n, cs, handle
+
+
+@torch.library.custom_op("fastrnn::core_forward", mutates_args=())
+def core_forward(x: Tensor, params: List[Tensor], h0: Optional[Tensor],
+                 c0: Optional[Tensor],
+                 lengths: Optional[Tensor], mode: str, hidden_size: int,
+                 num_layers: int, num_directions: int, bias: bool, cell: bool,
+                 backend: str, cells: bool
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The whole-sequence forward (see _forward_impl)."""
+    return _forward_impl(x, params, h0, c0, lengths, mode, hidden_size,
+                         num_layers, num_directions, bias, cell, backend, cells)
 
 
 @core_forward.register_fake
@@ -147,26 +160,25 @@ def _(x, params, h0, c0, lengths, mode, hidden_size, num_layers,
       num_directions, bias, cell, backend, cells):
     T, B, _ = x.shape
     DH = num_directions * hidden_size
+    shape = (num_layers * num_directions, B, hidden_size)
     out = x.new_empty((T, B, DH))
-    h_n = x.new_empty(h0.shape)
-    c_n = x.new_empty(h0.shape) if mode == "lstm" else x.new_empty(0)
+    h_n = x.new_empty(shape)
+    c_n = x.new_empty(shape) if mode == "lstm" else x.new_empty(0)
     cs = x.new_empty((T, B, DH)) if cells else x.new_empty(0)
     return out, h_n, c_n, cs, x.new_empty(1, dtype=torch.int64)
 
 
-@torch.library.custom_op("fastrnn::core_backward", mutates_args=())
-def core_backward(handle: Tensor, params: List[Tensor], dout: Tensor,
-                  dh_n: Tensor, dc_n: Tensor, dcs: Optional[Tensor],
-                  want_dx: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _backward_impl(handle, params, dout, dh_n, dc_n, dcs, want_dx):
     """BPTT through the forward call that made `handle`. Returns dx
     (T, B, I) (empty unless want_dx), dflat (all parameters, flat), dh0,
     dc0 (empty for the RNN)."""
-    entry = _TABLE.get(handle.untyped_storage().data_ptr())
+    entry = _TABLE.get(handle.data_ptr())
     if entry is None:
         raise RuntimeError("fastrnn::core_backward: the forward call's cache is "
                            "gone (its handle was freed)")
-    be, spec, cache, ctx, _ = entry
-    flat = _np(_flat_params(params))
+    # the flat parameters the forward read (the same memory as `params`,
+    # whose version counters autograd checked when it unpacked them)
+    be, spec, cache, ctx, _, flat, _ = entry
     lstm = spec.mode == "lstm"
     dst = np.empty((2 if lstm else 1,) + tuple(dh_n.shape), dtype=flat.dtype)
     dst[0] = _np(dh_n)
@@ -178,6 +190,14 @@ def core_backward(handle: Tensor, params: List[Tensor], dout: Tensor,
     dxt = torch.from_numpy(dx) if want_dx else dout.new_empty(0)
     dc0 = torch.from_numpy(dst0[1]) if lstm else dout.new_empty(0)
     return dxt, torch.from_numpy(grad), torch.from_numpy(dst0[0]), dc0
+
+
+@torch.library.custom_op("fastrnn::core_backward", mutates_args=())
+def core_backward(handle: Tensor, params: List[Tensor], dout: Tensor,
+                  dh_n: Tensor, dc_n: Tensor, dcs: Optional[Tensor],
+                  want_dx: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BPTT through the forward call that made `handle` (see _backward_impl)."""
+    return _backward_impl(handle, params, dout, dh_n, dc_n, dcs, want_dx)
 
 
 @core_backward.register_fake
@@ -196,7 +216,12 @@ def _setup_context(ctx, inputs, output):
     ctx.cells = cells
     ctx.shapes = [p.shape for p in params]
     ctx.want_dx = x.requires_grad
+    ctx.h0, ctx.c0 = h0 is not None, lstm_c0(mode, c0)
     ctx.save_for_backward(output[4], *params)
+
+
+def lstm_c0(mode, c0):
+    return mode == "lstm" and c0 is not None
 
 
 def _backward(ctx, dout, dh_n, dc_n, dcs, _dhandle):
@@ -207,8 +232,8 @@ def _backward(ctx, dout, dh_n, dc_n, dcs, _dhandle):
         ctx.want_dx)
     grads = [g.view(s) for g, s in
              zip(dflat.split([p.numel() for p in params]), ctx.shapes)]
-    return (dx if ctx.want_dx else None, grads, dh0,
-            dc0 if ctx.lstm else None, None, None, None, None, None, None,
+    return (dx if ctx.want_dx else None, grads, dh0 if ctx.h0 else None,
+            dc0 if ctx.c0 else None, None, None, None, None, None, None,
             None, None, None)
 
 
@@ -226,3 +251,52 @@ def _setup_nothing(ctx, inputs, output):
 
 core_backward.register_autograd(_no_double_backward,
                                 setup_context=_setup_nothing)
+
+
+class _Eager(torch.autograd.Function):
+    """The same two calls for eager mode through a plain autograd.Function,
+    whose dispatch costs a fraction of the custom op's Python autograd
+    wrapper (measured: see the README's glue cost). Under torch.compile the
+    modules call the custom ops instead (core_forward / core_backward)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, lengths, meta, *params):
+        mode, H, L, D, bias, cell, backend, cells = meta
+        res = _forward_impl(x, params, h0, c0, lengths, mode, H, L, D, bias,
+                            cell, backend, cells)
+        ctx.lstm, ctx.cells = mode == "lstm", cells
+        ctx.shapes = [p.shape for p in params]
+        ctx.want_dx = x.requires_grad
+        ctx.h0, ctx.c0 = h0 is not None, lstm_c0(mode, c0)
+        ctx.mark_non_differentiable(res[4])
+        ctx.save_for_backward(res[4], *params)
+        return res
+
+    @staticmethod
+    def backward(ctx, dout, dh_n, dc_n, dcs, _dhandle):
+        handle, *params = ctx.saved_tensors
+        # with create_graph=True the op (whose own backward raises the
+        # double-backward error) is recorded; otherwise the plain call
+        fn = core_backward if torch.is_grad_enabled() else _backward_impl
+        dx, dflat, dh0, dc0 = fn(handle, params, dout, dh_n, dc_n,
+                                 dcs if ctx.cells else None, ctx.want_dx)
+        grads = [g.view(s) for g, s in
+                 zip(dflat.split([p.numel() for p in params]), ctx.shapes)]
+        return (dx if ctx.want_dx else None, dh0 if ctx.h0 else None,
+                dc0 if ctx.c0 else None, None, None, *grads)
+
+
+# eager calls go through _Eager (False: through the custom ops, as compiled
+# code does; the tests run both)
+EAGER_FUNCTION = True
+
+
+def run(x, params, h0, c0, lengths, mode, H, L, D, bias, cell, backend, cells):
+    """out, h_n, c_n, c_seq, handle of one whole-sequence call, recorded for
+    autograd: through the custom op when compiling (or EAGER_FUNCTION is
+    False), else through _Eager."""
+    if EAGER_FUNCTION and not torch.compiler.is_compiling():
+        return _Eager.apply(x, h0, c0, lengths,
+                            (mode, H, L, D, bias, cell, backend, cells), *params)
+    return torch.ops.fastrnn.core_forward(x, params, h0, c0, lengths, mode, H,
+                                          L, D, bias, cell, backend, cells)
