@@ -77,8 +77,6 @@ def test_reference_cells_match_state():
 @pytest.mark.parametrize("L,D", [(1, 1), (2, 2)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fast_backends_match_reference(fast_backend, L, D, dtype):
-    if fast_backend == "cuda":
-        pytest.skip("the cuda backend has no dcs input yet")
     be = backends.get(fast_backend)
     spec, flat, x, state0, lengths, rng = _setup(L, D, dtype=dtype)
     Gout = rng.standard_normal((x.shape[0], x.shape[1], D * spec.H)).astype(dtype)
@@ -95,3 +93,28 @@ def test_fast_backends_match_reference(fast_backend, L, D, dtype):
     base = ref.core_backward(spec, flat, rc, Gout, Gst)
     got = be.core_backward(spec, flat, fc, Gout, Gst, ctx={})
     assert_close(got[2], base[2], dtype, err_msg="grad without dcs")
+
+
+@pytest.mark.parametrize("path", ["persistent", "step"])
+def test_cuda_both_paths(path):
+    """The cuda backend's two BPTT kernels (persistent, per-step) with dcs."""
+    ok, why = backends.available_backends()["cuda"]
+    if not ok:
+        pytest.skip(f"backend 'cuda' unavailable: {why}")
+    from fastrnn.backends import cuda as cb
+    old = cb.configure(PATH=path)
+    try:
+        spec, flat, x, state0, lengths, rng = _setup(2, 2)
+        Gout = rng.standard_normal((x.shape[0], x.shape[1], 2 * spec.H))
+        Gcs = rng.standard_normal(Gout.shape)
+        _, _, rc = ref.core_forward(spec, flat, x, lengths, state0)
+        want = ref.core_backward(spec, flat, rc, Gout, np.zeros_like(state0),
+                                 dcs=Gcs)
+        _, _, fc = cb.core_forward(spec, flat, x, lengths, state0, ctx={})
+        assert_close(cb.top_cells(spec, fc), ref.top_cells(spec, rc))
+        got = cb.core_backward(spec, flat, fc, Gout, np.zeros_like(state0),
+                               ctx={}, dcs=Gcs)
+        for name, a, b in zip(("dx", "dstate0", "grad"), got[:3], want[:3]):
+            assert_close(a, b, err_msg=name)
+    finally:
+        cb.configure(**old)
