@@ -37,8 +37,8 @@ def _fd(f, arr):
     return g
 
 
-def _loop_cells(spec, flat, x, state0, lengths):
-    """Cell states of the top layer from a loop of one-step core calls."""
+def _out_and_cells(spec, flat, x, state0, lengths):
+    """The reference output and the top layer's cell states."""
     out, _, cache = ref.core_forward(spec, flat, x, lengths, state0)
     return out, ref.top_cells(spec, cache)
 
@@ -46,12 +46,12 @@ def _loop_cells(spec, flat, x, state0, lengths):
 @pytest.mark.parametrize("L,D", [(1, 1), (2, 2)])
 def test_reference_dcs_against_finite_differences(L, D):
     spec, flat, x, state0, lengths, rng = _setup(L, D)
-    out, cs = _loop_cells(spec, flat, x, state0, lengths)
+    out, cs = _out_and_cells(spec, flat, x, state0, lengths)
     Gout = rng.standard_normal(out.shape)
     Gcs = rng.standard_normal(cs.shape)
 
     def loss():
-        o, c = _loop_cells(spec, flat, x, state0, lengths)
+        o, c = _out_and_cells(spec, flat, x, state0, lengths)
         return float(np.sum(o * Gout) + np.sum(c * Gcs))
 
     _, _, cache = ref.core_forward(spec, flat, x, lengths, state0)

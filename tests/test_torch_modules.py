@@ -4,7 +4,6 @@ float32/float64), gradcheck, opcheck, torch.compile, replace(), state_dict
 round trips, return_cell_states against an LSTMCell loop."""
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -149,7 +148,6 @@ def test_packed_sequence(kind, dtype, bf, path):
     g = torch.Generator().manual_seed(0)
     xp = torch.randn((B, T, I) if bf else (T, B, I), generator=g, dtype=TD[dtype])
     hs = [torch.randn(4, B, H, generator=g, dtype=TD[dtype]) for _ in range(2)]
-    hx0 = tuple(hs) if lstm else hs[0]
     res = {}
     for name, m in (("torch", tm), ("fastrnn", fm)):
         for p in m.parameters():
@@ -178,7 +176,6 @@ def test_packed_sequence(kind, dtype, bf, path):
         _close(a, b, dtype, "grad hx")
     for k in tg:
         _close(fg[k], tg[k], dtype, f"grad {k}")
-    del hx0
 
 
 @pytest.mark.parametrize("kind", ["lstm", "tanh", "relu"])
@@ -314,7 +311,6 @@ def test_opcheck(mode, cells):
 
 def test_torch_compile_fullgraph():
     torch.manual_seed(0)
-    model = nn.Sequential()
     lstm = frt.LSTM(3, 4)
     head = nn.Linear(4, 2)
 
@@ -332,7 +328,6 @@ def test_torch_compile_fullgraph():
     assert_close(loss.item(), f(x).item(), np.float32)
     for a, p in zip(want, list(lstm.parameters()) + list(head.parameters())):
         _close(p.grad, a, np.float32, "compiled grad")
-    del model
 
 
 def test_return_cell_states_against_lstmcell_loop(path):
@@ -513,7 +508,6 @@ def test_seeded_init_and_torch_init():
 def test_import_fastrnn_does_not_import_torch():
     code = "import sys, fastrnn; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
-    warnings.simplefilter("default")
 
 
 def test_gathered_parameters_and_no_leaked_caches():

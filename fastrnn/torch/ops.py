@@ -13,13 +13,19 @@ tensors only. The forward op therefore also returns a small int64
 *handle* tensor, saved for backward like any activation; the cache lives in
 a side table keyed by the address of the handle's storage, and its entry
 (and the backend workspace, returned to a pool for the next call) is
-released by a finalizer when the handle's storage is freed: when autograd
+released by a weak-reference callback when the handle's storage is freed
+(the handle's memory is a NumPy array the table refers to weakly): when autograd
 frees the graph (after backward, or when the outputs are dropped), or at
 once in inference. So a second forward before the first backward gets its
 own workspace (no overwrite), backward with ``retain_graph=True`` can run
 twice, and the handle's value (always 0) is the same in eager and compiled
 runs (opcheck compares them). Recomputing the forward inside backward would
 have avoided the table at the price of a third more kernel time.
+
+Eager calls go through ``_Eager``, a plain autograd.Function over the same
+two implementations (through the custom op's Python autograd wrapper an
+LSTM forward+backward at T=B=H=1 took 493 us, through _Eager 122 us);
+compiled code calls the custom ops.
 
 Parameters reach the kernels as one flat array: when the parameter tensors
 are consecutive views of one buffer (the modules keep them so), that buffer
@@ -216,11 +222,12 @@ def _setup_context(ctx, inputs, output):
     ctx.cells = cells
     ctx.shapes = [p.shape for p in params]
     ctx.want_dx = x.requires_grad
-    ctx.h0, ctx.c0 = h0 is not None, lstm_c0(mode, c0)
+    ctx.h0, ctx.c0 = h0 is not None, _lstm_c0(mode, c0)
     ctx.save_for_backward(output[4], *params)
 
 
-def lstm_c0(mode, c0):
+def _lstm_c0(mode, c0):
+    """Whether an LSTM's c0 was given (and gets a gradient)."""
     return mode == "lstm" and c0 is not None
 
 
@@ -254,10 +261,9 @@ core_backward.register_autograd(_no_double_backward,
 
 
 class _Eager(torch.autograd.Function):
-    """The same two calls for eager mode through a plain autograd.Function,
-    whose dispatch costs a fraction of the custom op's Python autograd
-    wrapper (measured: see the README's glue cost). Under torch.compile the
-    modules call the custom ops instead (core_forward / core_backward)."""
+    """The same two calls for eager mode through a plain autograd.Function
+    (see the opening paragraph). Under torch.compile the modules call the
+    custom ops instead (core_forward / core_backward)."""
 
     @staticmethod
     def forward(ctx, x, h0, c0, lengths, meta, *params):
@@ -267,7 +273,7 @@ class _Eager(torch.autograd.Function):
         ctx.lstm, ctx.cells = mode == "lstm", cells
         ctx.shapes = [p.shape for p in params]
         ctx.want_dx = x.requires_grad
-        ctx.h0, ctx.c0 = h0 is not None, lstm_c0(mode, c0)
+        ctx.h0, ctx.c0 = h0 is not None, _lstm_c0(mode, c0)
         ctx.mark_non_differentiable(res[4])
         ctx.save_for_backward(res[4], *params)
         return res
