@@ -524,3 +524,18 @@ def test_gathered_parameters_and_no_leaked_caches():
         fm(x)
     fm(x)
     assert not ops._TABLE
+
+
+def test_readme_example_runs():
+    """The README's fastrnn.torch example, as written."""
+    import os
+    import re
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "README.md")
+    text = open(readme, encoding="utf-8").read()
+    section = text[text.index("## PyTorch modules: `fastrnn.torch`"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    env = {}
+    exec(compile(code, "README.md", "exec"), env)
+    assert isinstance(env["model"].rnn, frt.LSTM)
+    assert tuple(env["c_seq"].shape) == (20, 8, 32)
