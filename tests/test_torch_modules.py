@@ -450,6 +450,14 @@ def test_replace_warns_and_keeps_unsupported():
     lone = nn.RNN(2, 3, nonlinearity="relu")
     new = frt.replace(lone)
     assert isinstance(new, frt.RNN) and new.nonlinearity == "relu"
+    shared = nn.LSTM(2, 3)
+    shared.weight_hh_l0.requires_grad_(False)
+    both = nn.ModuleDict({"a": shared, "b": nn.Sequential(shared)}).eval()
+    frt.replace(both)
+    assert both["a"] is both["b"][0] and isinstance(both["a"], frt.LSTM)
+    assert not both["a"].training
+    assert not both["a"].weight_hh_l0.requires_grad
+    assert both["a"].weight_ih_l0.requires_grad
 
 
 def test_state_dict_round_trips():

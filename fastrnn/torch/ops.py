@@ -45,7 +45,8 @@ from fastrnn._spec import make_spec
 
 Tensor = torch.Tensor
 
-_TABLE = {}    # handle address -> (backend, spec, cache, ctx, pool key, flat, weakref)
+_TABLE = {}    # handle address -> (backend, spec, cache, ctx, pool key, flat,
+#                                  T, B, weakref)
 _POOL = {}     # (backend, spec, dtype) -> free ctx dicts (backend workspaces)
 
 
@@ -90,7 +91,7 @@ def _take_ctx(key):
 def _release(addr):
     entry = _TABLE.pop(addr, None)
     if entry is not None:
-        _, _, _, ctx, key, _, _ = entry
+        ctx, key = entry[3], entry[4]
         _POOL.setdefault(key, []).append(ctx)
 
 
@@ -142,7 +143,7 @@ def _forward_impl(x, params, h0, c0, lengths, mode, hidden_size, num_layers,
     except BaseException:
         _POOL[key].append(ctx)
         raise
-    handle = _new_handle((be, spec, cache, ctx, key, flat))
+    handle = _new_handle((be, spec, cache, ctx, key, flat, T, B))
     cs = (torch.from_numpy(be.top_cells(spec, cache)) if cells
           else x.new_empty(0))
     c_n = torch.from_numpy(st_n[1]) if lstm else x.new_empty(0)
@@ -175,7 +176,8 @@ def _(x, params, h0, c0, lengths, mode, hidden_size, num_layers,
 
 
 def _backward_impl(handle, params, dout, dh_n, dc_n, dcs, want_dx):
-    """BPTT through the forward call that made `handle`. Returns dx
+    """BPTT through the forward call that made `handle`; dout, dh_n, dc_n
+    may be None (zero; _Eager does not materialise them). Returns dx
     (T, B, I) (empty unless want_dx), dflat (all parameters, flat), dh0,
     dc0 (empty for the RNN)."""
     entry = _TABLE.get(handle.data_ptr())
@@ -184,17 +186,21 @@ def _backward_impl(handle, params, dout, dh_n, dc_n, dcs, want_dx):
                            "gone (its handle was freed)")
     # the flat parameters the forward read (the same memory as `params`,
     # whose version counters autograd checked when it unpacked them)
-    be, spec, cache, ctx, _, flat, _ = entry
+    be, spec, cache, ctx, _, flat, T, B, _ = entry
     lstm = spec.mode == "lstm"
-    dst = np.empty((2 if lstm else 1,) + tuple(dh_n.shape), dtype=flat.dtype)
-    dst[0] = _np(dh_n)
-    if lstm:
+    dst = np.zeros((2 if lstm else 1, spec.L * spec.D, B, spec.H), dtype=flat.dtype)
+    if dh_n is not None:
+        dst[0] = _np(dh_n)
+    if lstm and dc_n is not None:
         dst[1] = _np(dc_n)
+    dout = (np.zeros((T, B, spec.D * spec.H), dtype=flat.dtype) if dout is None
+            else _np(dout))
     dx, dst0, grad, _ = be.core_backward(
-        spec, flat, cache, _np(dout), dst, None, ctx=ctx,
+        spec, flat, cache, dout, dst, None, ctx=ctx,
         dcs=None if dcs is None else _np(dcs))
-    dxt = torch.from_numpy(dx) if want_dx else dout.new_empty(0)
-    dc0 = torch.from_numpy(dst0[1]) if lstm else dout.new_empty(0)
+    empty = torch.from_numpy(flat[:0])
+    dxt = torch.from_numpy(dx) if want_dx else empty
+    dc0 = torch.from_numpy(dst0[1]) if lstm else empty
     return dxt, torch.from_numpy(grad), torch.from_numpy(dst0[0]), dc0
 
 
@@ -276,16 +282,25 @@ class _Eager(torch.autograd.Function):
         ctx.h0, ctx.c0 = h0 is not None, _lstm_c0(mode, c0)
         ctx.mark_non_differentiable(res[4])
         ctx.save_for_backward(res[4], *params)
+        ctx.set_materialize_grads(False)
+        ctx.out_meta = [(o.shape, o.dtype) for o in res[:3]]   # no cycle
         return res
 
     @staticmethod
     def backward(ctx, dout, dh_n, dc_n, dcs, _dhandle):
         handle, *params = ctx.saved_tensors
-        # with create_graph=True the op (whose own backward raises the
-        # double-backward error) is recorded; otherwise the plain call
-        fn = core_backward if torch.is_grad_enabled() else _backward_impl
-        dx, dflat, dh0, dc0 = fn(handle, params, dout, dh_n, dc_n,
-                                 dcs if ctx.cells else None, ctx.want_dx)
+        dcs = dcs if ctx.cells else None
+        if torch.is_grad_enabled():
+            # create_graph=True: record the op, whose own backward raises
+            # the double-backward error; it takes tensors, not None
+            dout, dh_n, dc_n = [torch.zeros(shape, dtype=dt) if v is None else v
+                                for v, (shape, dt) in zip((dout, dh_n, dc_n),
+                                                          ctx.out_meta)]
+            fn = core_backward
+        else:
+            fn = _backward_impl
+        dx, dflat, dh0, dc0 = fn(handle, params, dout, dh_n, dc_n, dcs,
+                                 ctx.want_dx)
         grads = [g.view(s) for g, s in
                  zip(dflat.split([p.numel() for p in params]), ctx.shapes)]
         return (dx if ctx.want_dx else None, dh0 if ctx.h0 else None,

@@ -28,6 +28,8 @@ def _convert(m, backend):
     else:
         new = RNN(m.input_size, m.hidden_size, nonlinearity=m.nonlinearity, **kw)
     new.load_state_dict(m.state_dict())
+    for name, p in m.named_parameters():
+        getattr(new, name).requires_grad_(p.requires_grad)
     new.train(m.training)
     return new, None
 
@@ -38,6 +40,9 @@ def replace(model, *, backend="auto"):
 
     Submodules are replaced in place and `model` is returned -- unless
     `model` is itself an nn.RNN/nn.LSTM, when the new module is returned.
+    Training mode and requires_grad flags carry over; a module reached
+    under two names becomes one shared fastrnn module; hooks registered on
+    the old modules do not carry over.
     Call it before building the optimizer: the new modules have new
     Parameter objects. Submodules that cannot be converted are left as
     they are, with a warning naming them (e.g. ``encoder.rnn``).
@@ -51,16 +56,19 @@ def replace(model, *, backend="auto"):
                           f"as it is: {why} is not supported", stacklevel=2)
             return model
         return new
+    done = {}      # a module shared by several parents stays shared
     for qual, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if type(child) not in (nn.RNN, nn.LSTM):
                 continue
-            full = f"{qual}.{name}" if qual else name
-            new, why = _convert(child, backend)
-            if new is None:
-                warnings.warn(f"fastrnn.torch.replace: kept {full} "
-                              f"({type(child).__name__}) as it is: {why} is not "
-                              "supported", stacklevel=2)
-                continue
-            setattr(parent, name, new)
+            if id(child) not in done:
+                full = f"{qual}.{name}" if qual else name
+                new, why = _convert(child, backend)
+                if new is None:
+                    warnings.warn(f"fastrnn.torch.replace: kept {full} "
+                                  f"({type(child).__name__}) as it is: {why} is "
+                                  "not supported", stacklevel=2)
+                done[id(child)] = new
+            if done[id(child)] is not None:
+                setattr(parent, name, done[id(child)])
     return model
