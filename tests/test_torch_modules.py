@@ -547,3 +547,19 @@ def test_readme_example_runs():
     exec(compile(code, "README.md", "exec"), env)
     assert isinstance(env["model"].rnn, frt.LSTM)
     assert tuple(env["c_seq"].shape) == (20, 8, 32)
+
+
+def test_deepcopy_and_pickle():
+    import copy
+    import io
+    _, fm = _pair("lstm", 3, 4, 2, True, False, np.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    buf = io.BytesIO()
+    torch.save(fm, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(fm), torch.load(buf, weights_only=False)):
+        _close(other(x)[0], fm(x)[0], np.float64, "copy")
+        ps = list(other.parameters())
+        assert all(b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
+                   for a, b in zip(ps, ps[1:]))
+        assert ps[0].data_ptr() != next(fm.parameters()).data_ptr()

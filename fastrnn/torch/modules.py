@@ -56,6 +56,11 @@ def _factory(device, dtype):
     return device, dtype
 
 
+def _reflatten(module, _incompatible_keys):
+    """load_state_dict post-hook (assign=True replaces the parameters)."""
+    module.flatten_parameters()
+
+
 class _Base(nn.Module):
     """Flat parameters, initialisation and the call into the ops."""
 
@@ -89,7 +94,7 @@ class _Base(nn.Module):
             init_core(self._spec, tmp, init, np.random.default_rng(seed))
             with torch.no_grad():
                 buf.copy_(torch.from_numpy(tmp))
-        self.register_load_state_dict_post_hook(lambda m, _keys: m.flatten_parameters())
+        self.register_load_state_dict_post_hook(_reflatten)
 
     def _params(self):
         ps = self._parameters
@@ -113,6 +118,11 @@ class _Base(nn.Module):
                 buf[off:off + k].copy_(p.reshape(-1))
                 p.data = buf[off:off + k].view(p.shape)
                 off += k
+
+    def __setstate__(self, state):
+        # copy.deepcopy and pickle restore the parameters one by one
+        super().__setstate__(state)
+        self.flatten_parameters()
 
     def _apply(self, fn, *args, **kw):
         ret = super()._apply(fn, *args, **kw)
