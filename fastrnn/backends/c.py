@@ -313,9 +313,11 @@ def _forward(w, spec, flat, x2, tok, lengths, state0, state_n):
 
 
 def _backward(w, spec, flat, x2, tok, dstate_n, grad, dx, dstate0, sclip,
-              want_flow):
+              want_flow, dcs=None):
     """BPTT after _forward with the gradient of the top output in w.DTOP.
-    Fills the core part of grad, dx ((T*B, I) or None) and dstate0."""
+    Fills the core part of grad, dx ((T*B, I) or None) and dstate0.
+    dcs (T, B, D*H) or None: dL/dc_t of the top LSTM layer, added to the
+    carried dc before each step (the steps then run one call each)."""
     T, B, H, L, D = w.T, w.B, w.H, w.L, w.D
     GH = w.G * H
     D2 = w.DELTA.reshape(T * B, GH)
@@ -340,11 +342,21 @@ def _backward(w, spec, flat, x2, tok, dstate_n, grad, dx, dstate0, sclip,
             w.DH[0] = dstate_n[0, kd]
             if w.lstm:
                 w.DH[1] = dstate_n[1, kd]
-            if w.small:
+            dcd = None
+            if dcs is not None and k == L - 1:
+                dcd = np.where(np.arange(T)[:, None, None] < w.len[None, :, None],
+                               dcs[:, :, d * H:(d + 1) * H], 0)
+            if w.small and dcd is None:
                 w.bwd(bq, ffi.NULL, 0, T)
+            elif w.small:
+                for s in range(T):
+                    w.DH[1] += dcd[s if d else T - 1 - s]
+                    w.bwd(bq, ffi.NULL, s, 1)
             else:
                 rows, prod, pp, bwd = w.drows, w.prod_b, w.PRODp, w.bwd
                 for s in range(T):   # prod of step s-1 is merged first (s > 0)
+                    if dcd is not None:
+                        w.DH[1] += dcd[s if d else T - 1 - s]
                     bwd(bq, pp, s, 1)
                     np.matmul(rows[s if d else T - 1 - s], W_hh, out=prod)
                 bwd(bq, pp, T, 0)
@@ -387,8 +399,10 @@ def core_forward(spec, flat, x, lengths, state0, ctx=None):
     return top.copy(), state_n, (w, x2, tok)
 
 
-def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None, ctx=None):
-    """dx (None for token ids), dstate0, grad (core part), flow (T,)."""
+def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None, ctx=None,
+                  dcs=None):
+    """dx (None for token ids), dstate0, grad (core part), flow (T,);
+    dcs: optional dL/dc_t of the top LSTM layer (T, B, D*H)."""
     w, x2, tok = cache
     T, B = w.T, w.B
     np.copyto(w.DTOP, dout)
@@ -396,10 +410,22 @@ def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None, ctx=None):
     dx = None if tok is not None else np.empty((T * B, spec.I), flat.dtype)
     dstate0 = np.zeros_like(dstate_n)
     flow = _backward(w, spec, flat, x2, tok, dstate_n, grad, dx, dstate0,
-                     state_clip, True)
+                     state_clip, True, dcs if w.lstm else None)
     if dx is not None:
         dx = dx.reshape(T, B, spec.I)
     return dx, dstate0, grad, flow
+
+
+def top_cells(spec, cache):
+    """The top layer's cell states c_t of the LSTM forward that made `cache`:
+    (T, B, D*H) laid out like `out`, zero at padding steps."""
+    w = cache[0]
+    T, B, H, L, D = w.T, w.B, w.H, w.L, w.D
+    cs = np.empty((T, B, D * H), dtype=w.CX.dtype)
+    for d in range(D):
+        cs[:, :, d * H:(d + 1) * H] = w.CX[(L - 1) * D + d, 1:T + 1]
+    cs[np.arange(T)[:, None] >= w.len[None, :]] = 0
+    return cs
 
 
 # ============================================================================

@@ -604,14 +604,17 @@ def _fwd_persistent_kernel(P, poff, WT, XP, tok, lengths, state0, SH, GA, lout,
 
 @_kernel
 def _bwd_persistent_kernel(P, poff, SH, GA, dl, lengths, dstate_n, DELTA,
-                           dstate0, flow2, dims, sclip):
+                           dstate0, flow2, dims, sclip, DCS):
     """BPTT of layer k for batch row b = blockIdx.x, direction d = blockIdx.y,
     over all T steps: dh_t = dl_t + delta_{t+1} W_hh (the latter only if step
     t+1 was valid), optional clamp of dh_t to [-sclip, sclip], then
     delta_t = dL/da_t (zero at padding). The previous step's deltas are
     double-buffered in shared memory, dh and dc too (one barrier per step).
     dims = (T, B, H, D, mode, k, wsm, flow, use_sclip); flow2[t] (float64)
-    accumulates |dh_t|^2 of valid rows when flow is set."""
+    accumulates |dh_t|^2 of valid rows when flow is set. DCS (T*B, D*H):
+    dL/dc_t from outside (LSTM top layer), added to dc at valid steps; a
+    (1, 1) zero when there is none (a 0-size device array types as layout
+    "A"; the zero is harmless where T*B = D*H = 1 makes the shapes agree)."""
     T, B, H, D, mode = dims[0], dims[1], dims[2], dims[3], dims[4]
     k, wsm, flow, use_sclip = dims[5], dims[6], dims[7], dims[8]
     lstm = mode == LSTM
@@ -664,8 +667,11 @@ def _bwd_persistent_kernel(P, poff, SH, GA, dl, lengths, dstate_n, DELTA,
                     gf = GA[d, t, b, H + u]
                     gg = GA[d, t, b, 2 * H + u]
                     go = GA[d, t, b, 3 * H + u]
+                    dcu = dcs[u]
+                    if DCS.shape[0] == T * B and DCS.shape[1] == D * H:
+                        dcu += DCS[t * B + b, d * H + u]
                     d0, d1, d2, d3, dcn = _lstm_cell_backward(
-                        dh, dcs[u], gi, gf, gg, go, SH[1, d, t + 1, b, u],
+                        dh, dcu, gi, gf, gg, go, SH[1, d, t + 1, b, u],
                         SH[1, d, pp, b, u])
                     dcs[u] = dcn
                     ds[cur + u] = d0
@@ -773,13 +779,13 @@ def _fwd_step_kernel(P, poff, WT, XP, tok, lengths, state0, SH, GA, lout,
 
 @_kernel
 def _bwd_step_kernel(P, poff, SH, GA, dl, lengths, dstate_n, DELTA, DHC,
-                     dstate0, flow2, dims, sclip, s):
+                     dstate0, flow2, dims, sclip, s, DCS):
     """Step s of layer k's BPTT, both directions (blockIdx.z); s == T is the
     final pass that writes dL/dh0 and dL/dc0. Block: STEP_NU hidden units x
     STEP_RB batch rows; the carry delta_{t_prev} W_hh is a small product over
     G*H, the rows' deltas staged in shared memory STEP_KT at a time. dh and
     dc are carried between launches in DHC (2, D, B, H).
-    dims as _bwd_persistent_kernel (wsm unused)."""
+    dims and DCS as _bwd_persistent_kernel (wsm unused)."""
     T, B, H, D, mode = dims[0], dims[1], dims[2], dims[3], dims[4]
     k, flow, use_sclip = dims[5], dims[7], dims[8]
     lstm = mode == LSTM
@@ -841,6 +847,8 @@ def _bwd_step_kernel(P, poff, SH, GA, dl, lengths, dstate_n, DELTA, DHC,
                 cuda.atomic.add(flow2, t, np.float64(dh) * np.float64(dh))
             if lstm:
                 pp = t if d == 0 else t + 2
+                if DCS.shape[0] == T * B and DCS.shape[1] == D * H:
+                    dc += DCS[row, d * H + u]
                 d0, d1, d2, d3, dc = _lstm_cell_backward(
                     dh, dc, GA[d, t, b, u], GA[d, t, b, H + u],
                     GA[d, t, b, 2 * H + u], GA[d, t, b, 3 * H + u],
@@ -1163,8 +1171,8 @@ def kernel_signatures(dtype):
         _range_kernel: (I1, i8, i8, I1),
         _fwd_persistent_kernel: fwd,
         _fwd_step_kernel: fwd + (i8,),
-        _bwd_persistent_kernel: bwd + (A[4], F1, ints(9), f8),
-        _bwd_step_kernel: bwd + (A[4], A[4], F1, ints(9), f8, i8),
+        _bwd_persistent_kernel: bwd + (A[4], F1, ints(9), f8, A[2]),
+        _bwd_step_kernel: bwd + (A[4], A[4], F1, ints(9), f8, i8, A[2]),
         _gather_last_kernel: (A[2], I1, A[2], ints(2)),
         _scatter_last_kernel: (A[2], I1, A[2], ints(3)),
         _loss_kernel: (A[2], A[1], I1, I1, A[2], A[2], F1, ints(7)),
@@ -1441,11 +1449,13 @@ def _readout(c, w, spec, T, B, want_loss):
     return R
 
 
-def _backward(c, w, spec, T, B, tok, path, dl, *, want_dx, flow, sclip):
+def _backward(c, w, spec, T, B, tok, path, dl, *, want_dx, flow, sclip,
+              dcs=None):
     """BPTT through all layers after _forward on the same workspace.
     dl: (T*B, D*H) gradient of the top layer's output; dL/dstate_n in
-    w["DST"]. Fills c.G (core part), w["DST0"], w["FLOW2"] (if flow) and
-    returns the input gradient's device view (or None)."""
+    w["DST"]; dcs: (T*B, D*H) device array of dL/dc_t of the top LSTM
+    layer, or None. Fills c.G (core part), w["DST0"], w["FLOW2"] (if flow)
+    and returns the input gradient's device view (or None)."""
     P, Gr = c.P, c.G
     H, D, L, GH = spec.H, spec.D, spec.L, spec.G * spec.H
     TB = T * B
@@ -1457,8 +1467,10 @@ def _backward(c, w, spec, T, B, tok, path, dl, *, want_dx, flow, sclip):
         w["FLOW2"].copy_to_device(np.zeros(T))
     dx = None
     nxt = 1
+    no_dcs = cuda.to_device(np.zeros((1, 1), dtype=P.dtype))
     for k in range(L - 1, -1, -1):
         Ik = spec.I if k == 0 else D * H
+        dck = dcs if (dcs is not None and lstm and k == L - 1) else no_dcs
         tokin = tok and k == 0
         dims = (T, B, H, D, _MODES[spec.mode], k, int(wsm), int(flow and k == L - 1),
                 int(sclip is not None))
@@ -1468,13 +1480,14 @@ def _backward(c, w, spec, T, B, tok, path, dl, *, want_dx, flow, sclip):
             shm = (2 * GH + 2 * H + (GH * H if wsm else 0)) * item
             _launch(_bwd_persistent_kernel, (B, D), _persist_threads(H),
                     (P, w["POFF"], w["SH"][k], ga, dl, w["LEN"], w["DST"],
-                     w["DELTA"], w["DST0"], w["FLOW2"], dims, sc), shm)
+                     w["DELTA"], w["DST0"], w["FLOW2"], dims, sc, dck), shm)
         else:
             grid = ((H + STEP_NU - 1) // STEP_NU, (B + STEP_RB - 1) // STEP_RB, D)
             for s in range(T + 1):
                 _launch(_bwd_step_kernel, grid, STEP_NU,
                         (P, w["POFF"], w["SH"][k], ga, dl, w["LEN"], w["DST"],
-                         w["DELTA"], w["DHC"], w["DST0"], w["FLOW2"], dims, sc, s),
+                         w["DELTA"], w["DHC"], w["DST0"], w["FLOW2"], dims, sc, s,
+                         dck),
                         STEP_RB * STEP_KT * item)
         # dW_hh[d] = DELTA[d]^T @ h_prev rows (both directions in one launch)
         delta = w["DELTA"].ravel()
@@ -1521,9 +1534,11 @@ def core_forward(spec, flat, x, lengths, state0, ctx=None):
     return out, state_n, (c, c.key, T, B, tok, path)
 
 
-def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None, ctx=None):
+def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None, ctx=None,
+                  dcs=None):
     """BPTT through the last core_forward. Returns dx (None for token ids),
-    dstate0, grad (flat; core part), flow (T,) as host arrays."""
+    dstate0, grad (flat; core part), flow (T,) as host arrays. dcs: optional
+    dL/dc_t of the top LSTM layer (T, B, D*H), host array."""
     c, key, T, B, tok, path = cache
     if c.key != key:
         raise RuntimeError("core_backward: the workspace of this forward call was "
@@ -1534,13 +1549,32 @@ def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None, ctx=None):
     dl = w["DL"][0][:T * B * DH].reshape((T * B, DH))
     _put(dl, dout, "dout")
     _put(w["DST"], dstate_n, "dstate_n")
+    dcd = None
+    if dcs is not None and spec.mode == "lstm":
+        dcd = cuda.to_device(np.ascontiguousarray(dcs, dtype=flat.dtype)
+                             .reshape(T * B, DH))
     dx = _backward(c, w, spec, T, B, tok, path, dl, want_dx=not tok, flow=True,
-                   sclip=state_clip)
+                   sclip=state_clip, dcs=dcd)
     grad = c.G.copy_to_host()
     grad[spec._n_core:] = 0
     dxh = None if dx is None else dx.copy_to_host().reshape(T, B, spec.I)
     flow = np.sqrt(w["FLOW2"].copy_to_host())
     return dxh, w["DST0"].copy_to_host(), grad, flow
+
+
+def top_cells(spec, cache):
+    """The top layer's cell states c_t of the LSTM forward that made `cache`:
+    (T, B, D*H) host array laid out like `out`, zero at padding steps."""
+    c, key, T, B, _, _ = cache
+    if c.key != key:
+        raise RuntimeError("top_cells: the workspace of this forward call was "
+                           "reused by another call")
+    SH = c.w["SH"][spec.L - 1][1].copy_to_host()        # (D, T+2, B, H)
+    cs = np.ascontiguousarray(SH[:, 1:T + 1].transpose(1, 2, 0, 3)).reshape(
+        T, B, spec.D * spec.H)
+    lengths = c.w["LEN"].copy_to_host()
+    cs[np.arange(T)[:, None] >= lengths[None, :]] = 0
+    return cs
 
 
 def model_forward(spec, flat, x, lengths, state0, ctx=None):

@@ -170,7 +170,8 @@ def available():
     return True, "numba imported; " + gemm
 
 
-# ============================================================================
+# =====================================================================
+
 # workspace
 # ============================================================================
 @njit(cache=True)
@@ -857,10 +858,12 @@ def _lstm_recur(fast, small, rev, lengths, W_hh, GATES, HX, CX, TC, lout,
 
 @njit(cache=True)
 def _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout, col,
-                     dh, dc, DELTA, sclip, use_sclip, flow, r0, r1, mk, pbuf):
+                     dh, dc, DELTA, sclip, use_sclip, flow, r0, r1, mk, pbuf,
+                     dcs):
     """BPTT of one LSTM direction for batch rows [r0, r1). dh, dc (B, H) hold
     dL/dh_T, dL/dc_T on entry and dL/dh0, dL/dc0 on exit; DELTA (T, B, 4H)
-    receives dL/d(gate pre-activations). Only dh is state-clipped, never dc."""
+    receives dL/d(gate pre-activations). Only dh is state-clipped, never dc.
+    dcs (T, B, D*H), or empty: dL/dc_t from outside (return_cell_states)."""
     T = CX.shape[0] - 2
     H = dh.shape[1]
     _mkl_pack_w(mk, W_hh, r1 - r0, False, pbuf)
@@ -890,6 +893,10 @@ def _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout, col,
                 tc = TC[t, b]
                 cp = CX[tp, b]
                 dcc = dc[b]
+                if dcs.shape[0] > 0:
+                    gc = dcs[t, b, col:col + H]
+                    for j in range(H):
+                        dcc[j] += gc[j]
                 di = dl[0:H]
                 df = dl[H:2 * H]
                 dg = dl[2 * H:3 * H]
@@ -935,7 +942,7 @@ def _forward_chunks(lstm, mode, fast, small, nc, rev, lengths, W_hh, GATES,
 @njit(cache=True, parallel=True)
 def _backward_chunks(lstm, mode, small, nc, rev, lengths, W_hh, GATES, HX, CX,
                      TC, dlout, col, dh, dc, DELTA, sclip, use_sclip, flowc,
-                     mk, pack):
+                     mk, pack, dcs):
     B = HX.shape[1]
     for c in prange(nc):
         r0 = c * B // nc
@@ -945,7 +952,7 @@ def _backward_chunks(lstm, mode, small, nc, rev, lengths, W_hh, GATES, HX, CX,
         if lstm:
             _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout,
                              col, dh, dc, DELTA, sclip, use_sclip, flowc[c],
-                             r0, r1, mk, pbuf)
+                             r0, r1, mk, pbuf, dcs)
         else:
             _rnn_back_recur(mode, small, rev, lengths, W_hh, HX, dlout, col, dh,
                             DELTA, sclip, use_sclip, flowc[c], r0, r1, mk,
@@ -1063,10 +1070,11 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
 
 @njit(cache=True)
 def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
-                         grad, dx, dstate0, flow, sclip):
+                         grad, dx, dstate0, flow, sclip, dcs):
     """BPTT through the whole core after core_forward_kernel on the same ws.
 
-    dtop: (T, B, D*H) gradient of the top layer output; dx: (T*B, I) receives
+    dtop: (T, B, D*H) gradient of the top layer output; dcs: (T, B, D*H)
+    dL/dc_t of the top LSTM layer, or empty (0, 0, 0); dx: (T*B, I) receives
     the input gradient (ignored for token ids); flow (T,) receives the squared
     norm of dL/dh_t of the top layer (valid rows, both directions)."""
     T, B, I, H = cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H]
@@ -1133,7 +1141,8 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
                              GATESall[kd] if lstm else HX, HX,
                              CXall[kd] if lstm else HX,
                              TCall[kd] if lstm else HX, dl, d * H, dh, dc,
-                             DELTA, sclip, use_sclip, flowc, mk, pack)
+                             DELTA, sclip, use_sclip, flowc, mk, pack,
+                             dcs if k == L - 1 else dcs[:0])
             if k == L - 1:
                 for c in range(nc):
                     for t in range(T):
@@ -1411,7 +1420,7 @@ def train_step_kernel(cfg, fcfg, flat, grad, opt_state, batch, ws, state_n,
     flow = np.empty(T, dtype=np.float64)
     dx = x[:0]  # input gradient is not needed for training
     core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate, grad,
-                         dx, dstate, flow, fcfg[F_SCLIP])
+                         dx, dstate, flow, fcfg[F_SCLIP], dtop[:0])
     clip_update_kernel(cfg, fcfg, flat, grad, opt_state, res)
 
 
@@ -1430,7 +1439,7 @@ def flow_kernel(cfg, flat, grad, batch, ws, state_n, flow):
                                 dtop)
     dstate = np.zeros_like(state_n)
     core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate, grad,
-                         x[:0], dstate, flow, 0.0)
+                         x[:0], dstate, flow, 0.0, dtop[:0])
     return loss
 
 
@@ -1622,7 +1631,7 @@ def core_forward(spec, flat, x, lengths, state0, ctx=None):
 
 
 def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None,
-                  ctx=None):
+                  ctx=None, dcs=None):
     c, x2, tok, lengths, T, B, sshape = cache
     cfg = c.cfg.copy()
     cfg[C_SCLIP] = int(state_clip is not None)
@@ -1632,10 +1641,13 @@ def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None,
     flow = np.empty(T, dtype=np.float64)
     dout = np.ascontiguousarray(dout, dtype=flat.dtype)
     dstate_n = np.ascontiguousarray(dstate_n, dtype=flat.dtype)
+    dcs = (dout[:0] if dcs is None or spec.mode != "lstm"
+           else np.ascontiguousarray(dcs, dtype=flat.dtype))
     with _BLAS(c.pin):
         core_backward_kernel(cfg, flat, x2, tok, lengths, c.ws, dout, dstate_n,
                              grad, dx, dstate0, flow,
-                             0.0 if state_clip is None else float(state_clip))
+                             0.0 if state_clip is None else float(state_clip),
+                             dcs)
     dx = None if tok.shape[0] else dx.reshape(T, B, spec.I)
     return dx, dstate0, grad, flow
 
@@ -1714,7 +1726,7 @@ def grad_kernel(cfg, fcfg, flat, grad, batch, ws, state_n):
     dstate = np.zeros_like(state_n)
     core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate, grad,
                          x[:0], dstate, np.empty(T, dtype=np.float64),
-                         fcfg[F_SCLIP])
+                         fcfg[F_SCLIP], dtop[:0])
     return loss
 
 
@@ -1749,3 +1761,15 @@ def apply_update(spec, flat, opt_state, step, grad, loss, *, opt, hyper, clip,
     r = u.res
     return dict(grad_norm=float(r[R_GNORM]), clipped=bool(r[R_CLIPPED]),
                 skipped=bool(r[R_SKIPPED]), grad=grad)
+=======
+def top_cells(spec, cache):
+    """The top layer's cell states c_t of the LSTM forward that made `cache`:
+    (T, B, D*H) laid out like `out`, zero at padding steps."""
+    c, _, _, lengths, T, B, _ = cache
+    L, D, H = spec.L, spec.D, spec.H
+    CX = _section(c.ws, _sections_of(c.cfg), 1).reshape((L * D, T + 2, B, H))
+    cs = np.empty((T, B, D * H), dtype=c.ws.dtype)
+    for d in range(D):
+        cs[:, :, d * H:(d + 1) * H] = CX[(L - 1) * D + d, 1:T + 1]
+    cs[np.arange(T)[:, None] >= lengths[None, :]] = 0
+    return cs

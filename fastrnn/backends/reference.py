@@ -110,10 +110,13 @@ def core_forward(spec, flat, x, lengths, state0, ctx=None):
     return layer_in, state_n, (caches, lengths, tokens)
 
 
-def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None, ctx=None):
+def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None, ctx=None,
+                  dcs=None):
     """BPTT through the last core_forward.
 
-    dout (T, B, D*H), dstate_n (S, L*D, B, H).
+    dout (T, B, D*H), dstate_n (S, L*D, B, H); dcs (LSTM only, optional)
+    (T, B, D*H): dL/dc_t of the top layer at every step, as top_cells lays
+    the cell states out (ignored at padding steps).
     Returns dx (None for token input), dstate0, grad (flat, core part filled),
     flow (T,): L2 norm of dL/dh_t of the top layer per step (valid rows,
     all directions), after state clipping when state_clip is given
@@ -144,6 +147,8 @@ def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None, ctx=None):
                 if k == L - 1:
                     flow2[t] += np.sum(np.where(valid, dh, 0).astype(np.float64) ** 2)
                 if spec.mode == "lstm":
+                    if dcs is not None and k == L - 1:
+                        dc = dc + np.where(valid, dcs[t, :, d * H:(d + 1) * H], 0)
                     i, f, gg, o = gates
                     tc = np.tanh(new)
                     do = dh * tc
@@ -172,6 +177,20 @@ def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None, ctx=None):
                 dstate0[1, k * D + d] = dc
         d_layer_out = d_layer_in
     return d_layer_out, dstate0, grad, np.sqrt(flow2)
+
+
+def top_cells(spec, cache):
+    """The top layer's cell states c_t of the LSTM forward that made `cache`:
+    (T, B, D*H) laid out like `out`, zero at padding steps."""
+    caches, lengths, _ = cache
+    H = spec.H
+    first = caches[-1][1][0]
+    T, B = len(first), first[0][4].shape[0]
+    cs = np.zeros((T, B, spec.D * H), dtype=first[0][4].dtype)
+    for d, saved in enumerate(caches[-1][1]):
+        for (t, _, _, _, c_new, valid) in saved:
+            cs[t, :, d * H:(d + 1) * H] = np.where(valid, c_new, 0)
+    return cs
 
 
 # --------------------------------------------------------------------------
