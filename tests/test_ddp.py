@@ -9,13 +9,17 @@ and the mean of their losses must equal one process trained here on the
 whole batch from rank 0's parameters (float64, 1e-9). torch.nn.LSTM runs
 through the same harness as the control; the fastrnn cases cover the
 LSTM (one layer; two bidirectional layers with buckets smaller than one
-parameter), the RNN, and gradient_as_bucket_view. Skipped, with the reason,
-without torch.distributed or gloo; every wait has a timeout.
+parameter), the RNN, and gradient_as_bucket_view. The README's torchrun
+example runs as written. Skipped, with the reason, without torch.distributed
+or gloo; every wait has a timeout.
 """
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -40,29 +44,40 @@ def _loopback():
     pytest.skip(f"no loopback interface named lo or lo0 among {names}")
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """Runs the two ranks once; returns [rank 0's results, rank 1's]."""
+def _require_gloo():
     import torch.distributed as dist
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this torch build")
     if not dist.is_gloo_available():
         pytest.skip("torch.distributed has no gloo backend in this torch build")
-    d = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+
+
+def _env():
+    """The children's environment: this worktree first on the path, gloo on
+    the loopback interface, one thread per process."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
         [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
         GLOO_SOCKET_IFNAME=_loopback(), NUMBA_NUM_THREADS="1",
-        OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+        OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Runs the two ranks once; returns [rank 0's results, rank 1's]."""
+    _require_gloo()
+    d = tmp_path_factory.mktemp("ddp")
+    env = _env()
     outs = [str(d / f"rank{r}.pt") for r in range(WORLD)]
     procs = [subprocess.Popen(
         [sys.executable, os.path.join(HERE, "_ddp_worker.py"), str(r),
          str(WORLD), str(d / "store"), outs[r]], env=env, cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(WORLD)]
-    logs = []
+    logs, deadline = [], time.monotonic() + TIMEOUT
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT)[0])
+            logs.append(p.communicate(
+                timeout=max(1.0, deadline - time.monotonic()))[0])
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
@@ -118,3 +133,28 @@ def test_half_batch_alone_differs(data):
     k = "rnn.weight_hh_l0"
     assert not np.allclose(half[-1][k].numpy(), whole[-1][k].numpy(),
                            rtol=1e-3, atol=1e-6)
+
+
+def test_readme_torchrun_example_runs(tmp_path):
+    """The README's DDP example, as written, under torchrun (two processes,
+    standalone rendezvous on localhost)."""
+    _require_gloo()
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text[text.index("### PyTorch: `DistributedDataParallel`"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "ddp_train.py").write_text(code)
+    # its own process group, so that a timeout ends torchrun's workers too
+    p = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         "--nproc-per-node", "2", "ddp_train.py"], cwd=tmp_path, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        log = p.communicate(timeout=TIMEOUT)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        pytest.fail(f"torchrun did not finish within {TIMEOUT} s")
+    assert p.returncode == 0, f"torchrun failed ({p.returncode}):\n{log}"
+    state = torch.load(tmp_path / "tagger.pt")
+    assert state["rnn.weight_ih_l0"].shape == (4 * 32, 16)
