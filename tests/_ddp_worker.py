@@ -29,8 +29,13 @@ CASES = {
     "lstm_sgd": ("LSTM", "sgd", {}),
     "lstm_adam_bucket_view": ("LSTM", "adam", {"gradient_as_bucket_view": True}),
     "lstm2_bidir_adam_small_buckets": ("LSTM2", "adam", {"bucket_cap_mb": 0.0005}),
-    "rnn2_bidir_adam": ("RNN2", "adam", {}),
+    "rnn2_bidir_adam_find_unused": ("RNN2", "adam", {"find_unused_parameters": True}),
+    "lstm_sgd_static_graph": ("LSTM", "sgd", {"static_graph": True}),
+    "lstm_adam_custom_op": ("LSTM", "adam", {}),
 }
+# through the custom ops with their registered autograd (what compiled code
+# runs) instead of ops._Eager
+CUSTOM_OP = {"lstm_adam_custom_op"}
 
 
 class Net(nn.Module):
@@ -79,20 +84,30 @@ def batches():
     return xs, xs.roll(-1, dims=2)
 
 
-def train(model, opt, xs, ys, rows):
-    """STEPS steps on rows `rows` of each batch; returns the parameters
-    (name -> tensor, the inner module's names) and loss after each step."""
+def train(case, model, opt, xs, ys, rows):
+    """STEPS steps of `case` on rows `rows` of each batch; returns the
+    parameters (name -> tensor, the inner module's names) and loss after
+    each step."""
     inner = getattr(model, "module", model)
     params, losses = [], []
-    for x, y in zip(xs, ys):
-        opt.zero_grad()
-        logits = model(x[rows])
-        loss = nn.functional.cross_entropy(logits.reshape(-1, V), y[rows].reshape(-1))
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach().clone())
-        params.append({k: v.detach().clone() for k, v in inner.named_parameters()})
+    eager = ops.EAGER_FUNCTION
+    ops.EAGER_FUNCTION = case not in CUSTOM_OP
+    try:
+        for x, y in zip(xs, ys):
+            _step(model, inner, opt, x, y, rows, params, losses)
+    finally:
+        ops.EAGER_FUNCTION = eager
     return params, losses
+
+
+def _step(model, inner, opt, x, y, rows, params, losses):
+    opt.zero_grad()
+    logits = model(x[rows])
+    loss = nn.functional.cross_entropy(logits.reshape(-1, V), y[rows].reshape(-1))
+    loss.backward()
+    opt.step()
+    losses.append(loss.detach().clone())
+    params.append({k: v.detach().clone() for k, v in inner.named_parameters()})
 
 
 def flat_intact(rnn):
@@ -121,7 +136,7 @@ def main(rank, world, store_file, out_file):
             model = build(case, seed=100 + rank)
             ddp = DDP(model, **CASES[case][2])
             opt = optimizer(case, ddp.parameters())
-            params, losses = train(ddp, opt, xs, ys, rows)
+            params, losses = train(case, ddp, opt, xs, ys, rows)
             rnn = model.rnn
             res[case] = {"params": params, "losses": losses,
                          "flat": flat_intact(rnn) if isinstance(rnn, frt.modules._Base)

@@ -9,7 +9,8 @@ and the mean of their losses must equal one process trained here on the
 whole batch from rank 0's parameters (float64, 1e-9). torch.nn.LSTM runs
 through the same harness as the control; the fastrnn cases cover the
 LSTM (one layer; two bidirectional layers with buckets smaller than one
-parameter), the RNN, and gradient_as_bucket_view. The README's torchrun
+parameter), the RNN, gradient_as_bucket_view, find_unused_parameters,
+static_graph, and the custom-op path that compiled code takes. The README's torchrun
 example runs as written. Skipped, with the reason, without torch.distributed
 or gloo; every wait has a timeout.
 """
@@ -99,7 +100,8 @@ def data():
 
 def _single(case, xs, ys, rows=slice(None)):
     model = W.build(case, seed=100)            # rank 0's initial parameters
-    return W.train(model, W.optimizer(case, model.parameters()), xs, ys, rows)
+    return W.train(case, model, W.optimizer(case, model.parameters()), xs, ys,
+                   rows)
 
 
 @pytest.mark.parametrize("case", list(W.CASES))
