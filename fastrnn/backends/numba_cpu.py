@@ -327,14 +327,15 @@ def _act_block(fast, relu, src, dst, co, s, ibuf):
 
 @njit(cache=True)
 def _dact_mul_row(mode, h, dh, out):
-    """out = f'(a) * dh with f'(a) from h = f(a)."""
+    """out = f'(a) * dh with f'(a) from h = f(a); relu' is (h > 0) as a
+    number, so that 0 * NaN is NaN as in NumPy."""
     n = h.shape[0]
     if mode == 0:
         for j in range(n):
             out[j] = (1 - h[j] * h[j]) * dh[j]
     elif mode == 1:
         for j in range(n):
-            out[j] = dh[j] if h[j] > 0 else 0
+            out[j] = (1.0 if h[j] > 0 else 0.0) * dh[j]
     else:
         for j in range(n):
             out[j] = h[j] * (1 - h[j]) * dh[j]
