@@ -74,16 +74,6 @@ class _Base:
         self.grads = None
         self._lock = threading.RLock()
 
-    def __getstate__(self):
-        # a lock cannot be copied or pickled; a copy gets a lock of its own
-        state = dict(self.__dict__)
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.RLock()
-
     # -- parameters --------------------------------------------------------
     @property
     def _flat(self):

@@ -1398,13 +1398,15 @@ def clip_update_kernel(cfg, fcfg, flat, grad, opt_state, res):
     k = (lr, mu, b1, b2, fcfg[F_EPS], step_size, bc2s)
     write_m = opt != 0 or mu != 0
     write_v = opt == 1
-    for j in range(P):
+    keep_m, keep_v = not write_m, not write_v
+    ok = True
+    for j in range(P):     # no early exit: the check runs at the speed of the update
         pj, mj, vj = _updated(opt, j, flat, grad, m, v, k)
-        if not (math.isfinite(pj) and (math.isfinite(mj) or not write_m)
-                and (math.isfinite(vj) or not write_v)):
-            res[R_SKIPPED] = 1
-            res[R_CLIPPED] = 0
-            return
+        ok &= math.isfinite(pj) & (math.isfinite(mj) | keep_m) & (math.isfinite(vj) | keep_v)
+    if not ok:
+        res[R_SKIPPED] = 1
+        res[R_CLIPPED] = 0
+        return
     for j in range(P):
         pj, mj, vj = _updated(opt, j, flat, grad, m, v, k)
         flat[j] = pj
