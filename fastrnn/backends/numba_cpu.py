@@ -327,14 +327,15 @@ def _act_block(fast, relu, src, dst, co, s, ibuf):
 
 @njit(cache=True)
 def _dact_mul_row(mode, h, dh, out):
-    """out = f'(a) * dh with f'(a) from h = f(a)."""
+    """out = f'(a) * dh with f'(a) from h = f(a); relu' is (h > 0) as a
+    number, so that 0 * NaN is NaN as in NumPy."""
     n = h.shape[0]
     if mode == 0:
         for j in range(n):
             out[j] = (1 - h[j] * h[j]) * dh[j]
     elif mode == 1:
         for j in range(n):
-            out[j] = dh[j] if h[j] > 0 else 0
+            out[j] = (1.0 if h[j] > 0 else 0.0) * dh[j]
     else:
         for j in range(n):
             out[j] = h[j] * (1 - h[j]) * dh[j]
@@ -1335,10 +1336,34 @@ def loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf, grad, dtop):
     return loss * inv_b
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
+def _updated(opt, j, flat, grad, m, v, k):
+    """Element j after one optimizer update: (param, m, v) in the arrays'
+    dtype, nothing written. k = (lr, momentum, beta1, beta2, eps,
+    lr / (1 - beta1^t), sqrt(1 - beta2^t)). IEEE arithmetic: 0/0 is NaN."""
+    t = flat.dtype.type
+    lr, mu, b1, b2, eps, step_size, bc2s = k
+    g = grad[j]
+    if opt == 0:
+        if mu != 0:
+            mj = t(mu * m[j] + g)        # PyTorch: buf = g at step 1 (m = 0)
+            return t(flat[j] - lr * mj), mj, v[j]
+        return t(flat[j] - lr * g), m[j], v[j]
+    if opt == 1:
+        mj = t(b1 * m[j] + (1 - b1) * g)
+        vj = t(b2 * v[j] + (1 - b2) * g * g)
+        return t(flat[j] - step_size * mj / (math.sqrt(vj) / bc2s + eps)), mj, vj
+    sj = t(m[j] + g * g)
+    return t(flat[j] - lr * g / (math.sqrt(sj) + eps)), sj, v[j]
+
+
+@njit(cache=True, error_model="numpy")
 def clip_update_kernel(cfg, fcfg, flat, grad, opt_state, res):
     """Global norm, finiteness guard, clipping and the optimizer update, each
-    one loop over the flat arrays. res[R_LOSS] must hold the loss already."""
+    one loop over the flat arrays. res[R_LOSS] must hold the loss already.
+    The update is atomic: a first pass computes every new value without
+    writing and skips the step (res[R_SKIPPED]) if any parameter or moment
+    would be non-finite; only then a second pass writes them."""
     P = flat.shape[0]
     acc = 0.0
     for j in range(P):
@@ -1368,36 +1393,35 @@ def clip_update_kernel(cfg, fcfg, flat, grad, opt_state, res):
                 grad[j] = -lim
                 n += 1
         res[R_CLIPPED] = 1 if n > 0 else 0
-    lr = fcfg[F_LR]
     m = opt_state[0]
     v = opt_state[1]
     opt = cfg[C_OPT]
-    if opt == 0:
-        mu = fcfg[F_MOM]
-        if mu != 0:
-            for j in range(P):
-                m[j] = mu * m[j] + grad[j]
-                flat[j] -= lr * m[j]
-        else:
-            for j in range(P):
-                flat[j] -= lr * grad[j]
-    elif opt == 1:
-        b1, b2, eps = fcfg[F_B1], fcfg[F_B2], fcfg[F_EPS]
+    lr, mu = fcfg[F_LR], fcfg[F_MOM]
+    b1, b2 = fcfg[F_B1], fcfg[F_B2]
+    step_size, bc2s = 0.0, 1.0
+    if opt == 1:
         step = cfg[C_STEP]
-        bc1 = 1 - b1 ** step
+        step_size = lr / (1 - b1 ** step)
         bc2s = math.sqrt(1 - b2 ** step)
-        step_size = lr / bc1
-        for j in range(P):
-            g = grad[j]
-            m[j] = b1 * m[j] + (1 - b1) * g
-            v[j] = b2 * v[j] + (1 - b2) * g * g
-            flat[j] -= step_size * m[j] / (math.sqrt(v[j]) / bc2s + eps)
-    else:
-        eps = fcfg[F_EPS]
-        for j in range(P):
-            g = grad[j]
-            m[j] = m[j] + g * g
-            flat[j] -= lr * g / (math.sqrt(m[j]) + eps)
+    k = (lr, mu, b1, b2, fcfg[F_EPS], step_size, bc2s)
+    write_m = opt != 0 or mu != 0
+    write_v = opt == 1
+    keep_m, keep_v = not write_m, not write_v
+    ok = True
+    for j in range(P):     # no early exit: the check runs at the speed of the update
+        pj, mj, vj = _updated(opt, j, flat, grad, m, v, k)
+        ok &= math.isfinite(pj) & (math.isfinite(mj) | keep_m) & (math.isfinite(vj) | keep_v)
+    if not ok:
+        res[R_SKIPPED] = 1
+        res[R_CLIPPED] = 0
+        return
+    for j in range(P):
+        pj, mj, vj = _updated(opt, j, flat, grad, m, v, k)
+        flat[j] = pj
+        if write_m:
+            m[j] = mj
+        if write_v:
+            v[j] = vj
 
 
 @njit(cache=True)
