@@ -56,9 +56,9 @@ name = "numba"
 
 # ---- cfg header indices ----------------------------------------------------
 C_T, C_B, C_I, C_H, C_L, C_D, C_MODE, C_BIAS, C_TOK, C_O, C_READOUT, C_LOSS, \
-    C_OPT, C_CLIP, C_SCLIP, C_STEP, C_FAST, C_SMALL, C_WOUT, C_BOUT, C_NC, \
+    C_OPT, C_CLIP, C_SCLIP, C_STEP, C_FAST, C_SPARE, C_WOUT, C_BOUT, C_NC, \
     C_NCG, C_PAR, C_MKL, C_MKL_GEMM, C_MKL_PACK, C_MKL_COMP, C_MKL_PACKN, \
-    C_MKL_LOCAL = range(29)
+    C_MKL_LOCAL, C_RC = range(30)
 C_POFF = 32            # poff (L*D, 4) flattened from here
 # cfg[C_MKL:C_MKL + 6] is what the recurrences get of MKL ("mk"): flags (which
 # products call MKL), the addresses of cblas_?gemm, cblas_?gemm_pack,
@@ -71,17 +71,10 @@ F_LR, F_MOM, F_B1, F_B2, F_EPS, F_LIMIT, F_SCLIP = range(7)
 R_LOSS, R_GNORM, R_CLIPPED, R_SKIPPED = range(4)
 
 LSTM = 3
-# per-step products with at most this many multiply-adds run as explicit
-# loops; larger ones call BLAS. Measured on the 2-core AVX2 dev machine
-# (benchmarks/crossover.py).
-SMALL_MACS = 32768
-# inside a chunk of batch rows (one core each, BLAS pinned to one thread) the
-# register-blocked loops beat single-threaded OpenBLAS at every benchmarked
-# shape (~60 vs ~35 GFLOP/s at 8x128x512; LSTM B=16, H=512: 102 ms with the
-# loops, 199 ms with BLAS per chunk), so chunks always use the loops.
-CHUNK_MACS = 1 << 62
-# at most this many chunks of batch rows / of a one-off product
-MAX_SPLIT = 4
+# The batch's fixed partition for the recurrences has at most this many
+# chunks (chunk_rows), whatever the thread count; the one-off products are
+# split over at most this many threads.
+SPLIT = 4
 
 
 # ---- the GEMM engine of the per-step products ------------------------------
@@ -120,6 +113,14 @@ _GEMM = "mkl" if _MKL is not None else "default"
 MKL_PACKED = False
 # tests: force these MK_* flags at every split shape (None: the rules above)
 MKL_FORCE = None
+
+
+def _mkl_flags(spec, dtype, B):
+    """MK_* flags of the per-step products for this shape: MKL_FORCE, else
+    the rules of mkl_paths for chunks of chunk_rows(B) rows."""
+    if MKL_FORCE is not None:
+        return MKL_FORCE
+    return mkl_paths(chunk_rows(B), spec.H, 4 if spec.mode == "lstm" else 1)
 
 
 def mkl_paths(m, H, G):
@@ -174,7 +175,7 @@ def available():
 # workspace
 # ============================================================================
 @njit(cache=True)
-def _sections(T, B, I, H, L, D, G, O, lstm, tok, ncg, npack):
+def _sections(T, B, I, H, L, D, G, O, lstm, tok, npack):
     """Sizes (in elements) of the workspace sections, in order."""
     W = max(I, D * H)
     s = np.zeros(18, dtype=np.int64)
@@ -187,9 +188,9 @@ def _sections(T, B, I, H, L, D, G, O, lstm, tok, ncg, npack):
     s[6] = T * B * W                          # DA: d layer output
     s[7] = T * B * W                          # DB: d layer input
     s[8] = T * B * W                          # TMP: product scratch
-    s[9] = (ncg - 1) * max(G * H * max(H, I, D * H), O * D * H)  # PART: partial products
+    s[9] = 0                                  # (spare: no partial products)
     s[10] = 2 * B * H                         # DH: dh, dc carried back
-    s[11] = I * G * H * tok                   # WT: W_ih transposed, token ids
+    s[11] = max(max(I, D * H) * G * H, O * D * H)  # WT: a weight transposed
     s[12] = I * G * H * tok                   # DWT: token-gradient rows
     s[13] = T * B * O                         # Z: read-out
     s[14] = T * B * O                         # DZ
@@ -209,8 +210,8 @@ def _section(ws, sizes, j):
     return ws[off:off + sizes[j]]
 
 
-def workspace_size(T, B, I, H, L, D, G, O, lstm, tok, ncg, npack=0):
-    s = _sections(T, B, I, H, L, D, G, O, lstm, tok, ncg, npack)
+def workspace_size(T, B, I, H, L, D, G, O, lstm, tok, npack=0):
+    s = _sections(T, B, I, H, L, D, G, O, lstm, tok, npack)
     return int(((s + 15) // 16 * 16).sum())
 
 
@@ -344,23 +345,15 @@ def _dact_mul_row(mode, h, dh, out):
 # products
 # ============================================================================
 @njit(cache=True, fastmath={"contract", "reassoc", "nsz"})
-def _addmm_nt(A, W, C, tmp, small):
+def _addmm_nt(A, W, C):
     """C += A @ W.T, A: (M, K), W: (N, K) row-major (W_hh as stored: no
-    transpose), C: (M, N). When M*K*N <= small: explicit loops, a vectorised
-    dot product per output with 4 rows of A sharing each row of W (register
-    blocking: ~60 GFLOP/s on one AVX2 core, more than OpenBLAS at these
-    shapes); BLAS otherwise."""
+    transpose), C: (M, N): the forward per-step product. Explicit loops, a
+    vectorised dot product per output with 4 rows of A sharing each row of
+    W (register blocking). Rows m = 0, 4, 8, ... start the blocks of 4, so a
+    row's sum depends on its index in A only: callers split A at multiples
+    of 4 rows to keep results independent of the split."""
     M, K = A.shape
     N = W.shape[0]
-    if M * K * N > small:
-        t = tmp[:M * N].reshape((M, N))
-        np.dot(A, W.T, t)
-        for m in range(M):
-            c = C[m]
-            tr = t[m]
-            for n in range(N):
-                c[n] += tr[n]
-        return
     m = 0
     while m + 4 <= M:
         a0 = A[m]
@@ -396,44 +389,116 @@ def _addmm_nt(A, W, C, tmp, small):
         m += 1
 
 
-@njit(cache=True, fastmath={"contract", "reassoc", "nsz"})
-def _mm(A, Bm, C, small):
-    """C = A @ Bm, A: (M, K), Bm: (K, N) row-major, C: (M, N) contiguous.
-    Explicit loops (4 rows of C share each row of Bm) when M*K*N <= small,
-    BLAS straight into C otherwise."""
-    M, K = A.shape
+# Column blocks of the axpy-form products (_gemm_nn, _gemm_tn): 4 rows of C
+# of this many elements stay in L1 while the k (or r) loop runs; row blocks
+# of _gemm_tn: this many rows of Bm stay in L2 across the blocks of C.
+NB_COLS = 256
+RB_ROWS = 128
+
+
+@njit(cache=True, fastmath={"contract"})
+def _gemm_nn(A, Bm, C, acc, m0, m1):
+    """Rows [m0, m1) of C (+)= A @ Bm (acc: add to C, else overwrite); A: (M,
+    K), Bm: (K, N) row-major. The backward per-step product and the one-off
+    products. Each element of C is its k-ordered sum of fused multiply-adds
+    (4 rows of C share each row of Bm; vectorised over columns, never across
+    k), so the result is bitwise the same however the rows are split."""
+    K = A.shape[1]
     N = Bm.shape[1]
-    if M * K * N > small:
-        np.dot(A, Bm, C)
-        return
-    C[:] = 0
-    m = 0
-    while m + 4 <= M:
-        c0 = C[m]
-        c1 = C[m + 1]
-        c2 = C[m + 2]
-        c3 = C[m + 3]
-        for k in range(K):
-            b = Bm[k]
-            x0 = A[m, k]
-            x1 = A[m + 1, k]
-            x2 = A[m + 2, k]
-            x3 = A[m + 3, k]
-            for n in range(N):
-                bn = b[n]
-                c0[n] += x0 * bn
-                c1[n] += x1 * bn
-                c2[n] += x2 * bn
-                c3[n] += x3 * bn
-        m += 4
-    while m < M:
-        c = C[m]
-        for k in range(K):
-            x = A[m, k]
-            b = Bm[k]
-            for n in range(N):
-                c[n] += x * b[n]
-        m += 1
+    for n0 in range(0, N, NB_COLS):
+        n1 = min(N, n0 + NB_COLS)
+        nn = n1 - n0
+        m = m0
+        while m < m1:
+            q = min(4, m1 - m)
+            if q == 4:
+                c0 = C[m, n0:n1]
+                c1 = C[m + 1, n0:n1]
+                c2 = C[m + 2, n0:n1]
+                c3 = C[m + 3, n0:n1]
+                if not acc:
+                    for n in range(nn):
+                        c0[n] = 0
+                        c1[n] = 0
+                        c2[n] = 0
+                        c3[n] = 0
+                for k in range(K):
+                    b = Bm[k, n0:n1]
+                    x0 = A[m, k]
+                    x1 = A[m + 1, k]
+                    x2 = A[m + 2, k]
+                    x3 = A[m + 3, k]
+                    for n in range(nn):
+                        bn = b[n]
+                        c0[n] += x0 * bn
+                        c1[n] += x1 * bn
+                        c2[n] += x2 * bn
+                        c3[n] += x3 * bn
+            else:
+                for mm in range(m, m + q):
+                    c = C[mm, n0:n1]
+                    if not acc:
+                        for n in range(nn):
+                            c[n] = 0
+                    for k in range(K):
+                        b = Bm[k, n0:n1]
+                        x = A[mm, k]
+                        for n in range(nn):
+                            c[n] += x * b[n]
+            m += q
+
+
+@njit(cache=True, fastmath={"contract"})
+def _gemm_tn(A, Bm, C, acc, m0, m1):
+    """Rows [m0, m1) of C (+)= A.T @ Bm for A: (R, M), Bm: (R, N) row-major
+    (the weight gradients: the sum over the T*B stored rows). Each element is
+    its r-ordered sum of fused multiply-adds (RB_ROWS rows of Bm at a time,
+    kept in L2 across all of C), bitwise the same however C is split."""
+    R = A.shape[0]
+    N = Bm.shape[1]
+    if not acc:
+        for m in range(m0, m1):
+            C[m] = 0
+    for r0 in range(0, R, RB_ROWS):
+        r1 = min(R, r0 + RB_ROWS)
+        for n0 in range(0, N, NB_COLS):
+            n1 = min(N, n0 + NB_COLS)
+            nn = n1 - n0
+            m = m0
+            while m < m1:
+                q = min(4, m1 - m)
+                if q == 4:
+                    c0 = C[m, n0:n1]
+                    c1 = C[m + 1, n0:n1]
+                    c2 = C[m + 2, n0:n1]
+                    c3 = C[m + 3, n0:n1]
+                    for r in range(r0, r1):
+                        b = Bm[r, n0:n1]
+                        x0 = A[r, m]
+                        x1 = A[r, m + 1]
+                        x2 = A[r, m + 2]
+                        x3 = A[r, m + 3]
+                        for n in range(nn):
+                            bn = b[n]
+                            c0[n] += x0 * bn
+                            c1[n] += x1 * bn
+                            c2[n] += x2 * bn
+                            c3[n] += x3 * bn
+                else:
+                    for mm in range(m, m + q):
+                        c = C[mm, n0:n1]
+                        for r in range(r0, r1):
+                            b = Bm[r, n0:n1]
+                            x = A[r, mm]
+                            for n in range(nn):
+                                c[n] += x * b[n]
+                m += q
+
+
+@njit(cache=True)
+def _mm(A, Bm, C):
+    """C = A @ Bm (the backward per-step product dgates @ W_hh)."""
+    _gemm_nn(A, Bm, C, False, 0, C.shape[0])
 
 
 # ---- MKL, called from the kernels through function addresses ---------------
@@ -581,7 +646,7 @@ def _mkl_pack_w(mk, W, m, fwd, pbuf):
 
 
 @njit(cache=True)
-def _step_nt(mk, A, W, C, tmp, small, pbuf):
+def _step_nt(mk, A, W, C, pbuf):
     """The forward per-step product C += A @ W.T (A: (m, H) rows of h_{t-1},
     W: W_hh (GH, H), C: (m, GH)): MKL (packed W from _mkl_pack_w, or plain
     sgemm) when mk says so, else _addmm_nt."""
@@ -595,11 +660,11 @@ def _step_nt(mk, A, W, C, tmp, small, pbuf):
             _mkl_gemm(mk[1], _NO_TRANS, _TRANS, M, N, K, 1.0, A, K, W, K,
                       1.0, C, N)
         return
-    _addmm_nt(A, W, C, tmp, small)
+    _addmm_nt(A, W, C)
 
 
 @njit(cache=True)
-def _step_nn(mk, A, W, C, small, pbuf):
+def _step_nn(mk, A, W, C, pbuf):
     """The backward per-step product C = A @ W (A: (m, GH) deltas, W: W_hh
     (GH, H), C: (m, H)): MKL when mk says so, else _mm."""
     if mk[0] & MK_BWD:
@@ -612,74 +677,68 @@ def _step_nn(mk, A, W, C, small, pbuf):
             _mkl_gemm(mk[1], _NO_TRANS, _NO_TRANS, M, N, K, 1.0, A, K, W, N,
                       0.0, C, N)
         return
-    _mm(A, W, C, small)
+    _mm(A, W, C)
 
 
 # ---- one-off products split over the cores ---------------------------------
-# BLAS is pinned to one thread while our kernels run (see _blas_one_thread):
-# its own worker threads would compete with numba's for the same two cores.
-# Products below PAR_MACS multiply-adds are not worth a parallel region.
+# No external BLAS anywhere in the kernels: numba's np.dot calls SciPy's
+# OpenBLAS, whose thread count is process-wide state (pinning it per call
+# was not thread-safe) and whose results change bitwise with that count.
+# The one-off products run on _gemm_nn/_gemm_tn, rows of C split over the
+# cores; their results do not depend on the split. Products below PAR_MACS
+# multiply-adds are not worth a parallel region.
 PAR_MACS = 1 << 20
 
 
 @njit(cache=True, parallel=True)
-def _pmm(A, Bm, C, nc, par):
-    """C = A @ Bm (Bm may be a transposed view), rows of A and C split over
-    nc cores when the product has at least `par` multiply-adds."""
-    M = A.shape[0]
-    if nc == 1 or M * A.shape[1] * C.shape[1] < par or M < nc:
-        np.dot(A, Bm, C)
-        return
-    for c in prange(nc):
-        r0 = c * M // nc
-        r1 = (c + 1) * M // nc
-        np.dot(A[r0:r1], Bm, C[r0:r1])
-
-
-@njit(cache=True, parallel=True)
-def _pmm_acc(A, Bm, C, tmp, nc, par):
-    """C += A @ Bm, rows split over nc cores (at >= par multiply-adds); tmp:
-    scratch of C's size."""
+def _pgemm(tn, A, Bm, C, acc, nc, par):
+    """C (+)= A @ Bm (tn: A.T @ Bm), rows of C split over nc cores when the
+    product has at least `par` multiply-adds (bitwise the same either way)."""
     M, N = C.shape
-    t = tmp[:M * N].reshape((M, N))
-    if nc == 1 or M * A.shape[1] * N < par or M < nc:
+    K = A.shape[0] if tn else A.shape[1]
+    if M * K * N < par or M < 4 * nc:
         nc = 1
     for c in prange(nc):
-        r0 = c * M // nc
-        r1 = (c + 1) * M // nc
-        np.dot(A[r0:r1], Bm, t[r0:r1])
-        for r in range(r0, r1):
-            cr = C[r]
-            tr = t[r]
-            for j in range(N):
-                cr[j] += tr[j]
+        m0 = c * M // nc
+        m1 = (c + 1) * M // nc
+        if tn:
+            _gemm_tn(A, Bm, C, acc, m0, m1)
+        else:
+            _gemm_nn(A, Bm, C, acc, m0, m1)
 
 
 @njit(cache=True, parallel=True)
-def _pmm_tn(A, Bm, C, part, nc, par):
-    """C = A.T @ Bm for A: (R, m), Bm: (R, n): the sum over the R rows split
-    into nc partial products (part: scratch of (nc-1)*m*n), then added;
-    when the product has at least `par` multiply-adds."""
-    R, m = A.shape
-    n = Bm.shape[1]
-    if nc == 1 or R * m * n < par or R < nc:
-        np.dot(A.T, Bm, C)
-        return
-    P = part[:(nc - 1) * m * n].reshape((nc - 1, m, n))
+def _pgemm_nt(A, W, C, acc, nc, par):
+    """C (+)= A @ W.T (W: (N, K) row-major) by the dot-product loops of
+    _addmm_nt, for narrow C with long sums (the input gradient); rows of C
+    split over nc cores at multiples of 4 rows, so the 4-row blocks and the
+    bits are those of one core."""
+    M, N = C.shape
+    if M * A.shape[1] * N < par or M < 8 * nc:
+        nc = 1
     for c in prange(nc):
-        r0 = c * R // nc
-        r1 = (c + 1) * R // nc
-        if c == 0:
-            np.dot(A[r0:r1].T, Bm[r0:r1], C)
-        else:
-            np.dot(A[r0:r1].T, Bm[r0:r1], P[c - 1])
-    for c in range(nc - 1):
-        Pc = P[c]
-        for i in range(m):
-            ci = C[i]
-            pi = Pc[i]
-            for j in range(n):
-                ci[j] += pi[j]
+        m0 = (c * M // nc) // 4 * 4
+        m1 = M if c == nc - 1 else ((c + 1) * M // nc) // 4 * 4
+        if not acc:
+            for m in range(m0, m1):
+                C[m] = 0
+        _addmm_nt(A[m0:m1], W, C[m0:m1])
+
+
+@njit(cache=True)
+def _weight_grad(A, Bm, C, scratch, nc, par):
+    """C = A.T @ Bm for a weight gradient; a narrow one (C: (M, N < 64),
+    the gradient of W_ih from a small input) as (Bm.T @ A).T, whose rows
+    are long (the axpy loops of _gemm_tn run along them)."""
+    M, N = C.shape
+    if N >= 64 or M <= N:
+        _pgemm(True, A, Bm, C, False, nc, par)
+        return
+    Ct = scratch[:N * M].reshape((N, M))
+    _pgemm(True, Bm, A, Ct, False, nc, par)
+    for m in range(M):
+        for n in range(N):
+            C[m, n] = Ct[n, m]
 
 
 @njit(cache=True)
@@ -705,17 +764,18 @@ def _transpose_into(W, dst):
 
 @njit(cache=True)
 def _project(x, tok, W_ih, b_ih, b_hh, bias, dst, wt, nc, par):
-    """dst (T*B, G*H) = x @ W_ih.T + b_ih + b_hh; token ids gather rows of W_ih.T."""
+    """dst (T*B, G*H) = x @ W_ih.T + b_ih + b_hh; token ids gather rows of
+    W_ih.T (wt: scratch for W_ih transposed)."""
     GH = W_ih.shape[0]
+    WT = _transpose_into(W_ih, wt)
     if tok.shape[0] > 0:
-        WT = _transpose_into(W_ih, wt)
         for r in range(tok.shape[0]):
             src = WT[tok[r]]
             d = dst[r]
             for j in range(GH):
                 d[j] = src[j]
     else:
-        _pmm(x, W_ih.T, dst, nc, par)
+        _pgemm(False, x, WT, dst, False, nc, par)
     if bias:
         for r in range(dst.shape[0]):
             d = dst[r]
@@ -727,7 +787,7 @@ def _project(x, tok, W_ih, b_ih, b_hh, bias, dst, wt, nc, par):
 # one direction of one layer: forward and backward side by side
 # ============================================================================
 @njit(cache=True)
-def _rnn_recur(mode, fast, small, rev, lengths, W_hh, HX, lout, col, co,
+def _rnn_recur(mode, fast, rev, lengths, W_hh, HX, lout, col, co,
                r0, r1, mk, pbuf):
     """Elman RNN recurrence of one direction for batch rows [r0, r1).
 
@@ -741,14 +801,13 @@ def _rnn_recur(mode, fast, small, rev, lengths, W_hh, HX, lout, col, co,
     H = HX.shape[2]
     n = r1 - r0
     _mkl_pack_w(mk, W_hh, n, True, pbuf)
-    tmp = np.empty(n * H, dtype=HX.dtype)
     fscr = np.empty(n * H, dtype=HX.dtype)
     ibuf = np.empty(n * H, dtype=np.int32)
     for s in range(T):
         t = T - 1 - s if rev else s
         tp = t + 2 if rev else t
         C = HX[t + 1, r0:r1]
-        _step_nt(mk, HX[tp, r0:r1], W_hh, C, tmp, small, pbuf)
+        _step_nt(mk, HX[tp, r0:r1], W_hh, C, pbuf)
         A = C.reshape(n * H)
         _act_block(fast, mode == 1, A, A, co, fscr, ibuf)
         for b in range(r0, r1):
@@ -765,7 +824,7 @@ def _rnn_recur(mode, fast, small, rev, lengths, W_hh, HX, lout, col, co,
 
 
 @njit(cache=True)
-def _rnn_back_recur(mode, small, rev, lengths, W_hh, HX, dlout, col, dh,
+def _rnn_back_recur(mode, rev, lengths, W_hh, HX, dlout, col, dh,
                     DELTA, sclip, use_sclip, flow, r0, r1, mk, pbuf):
     """BPTT of one direction for batch rows [r0, r1). dh (B, H) holds dL/dh_T
     on entry and dL/dh0 on exit; DELTA (T, B, H) receives dL/da_t. dlout:
@@ -796,14 +855,14 @@ def _rnn_back_recur(mode, small, rev, lengths, W_hh, HX, dlout, col, dh,
                 for j in range(H):
                     dl[j] = 0
         # dh_{t-1} = delta_t @ W_hh for valid rows; padding rows pass through
-        _step_nn(mk, DELTA[t, r0:r1], W_hh, nxt, small, pbuf)
+        _step_nn(mk, DELTA[t, r0:r1], W_hh, nxt, pbuf)
         for b in range(r0, r1):
             if t < lengths[b]:
                 dh[b] = nxt[b - r0]
 
 
 @njit(cache=True)
-def _lstm_recur(fast, small, rev, lengths, W_hh, GATES, HX, CX, TC, lout,
+def _lstm_recur(fast, rev, lengths, W_hh, GATES, HX, CX, TC, lout,
                 col, co, cot, r0, r1, mk, pbuf):
     """LSTM recurrence of one direction for batch rows [r0, r1), gates in
     PyTorch's order (i, f, g, o). GATES: (T, B, 4H) holds the input
@@ -815,14 +874,13 @@ def _lstm_recur(fast, small, rev, lengths, W_hh, GATES, HX, CX, TC, lout,
     H = HX.shape[2]
     n = r1 - r0
     _mkl_pack_w(mk, W_hh, n, True, pbuf)
-    tmp = np.empty(n * 4 * H, dtype=HX.dtype)
     fscr = np.empty(n * 4 * H, dtype=HX.dtype)
     ibuf = np.empty(n * 4 * H, dtype=np.int32)
     for s in range(T):
         t = T - 1 - s if rev else s
         tp = t + 2 if rev else t
         Gt = GATES[t, r0:r1]
-        _step_nt(mk, HX[tp, r0:r1], W_hh, Gt, tmp, small, pbuf)
+        _step_nt(mk, HX[tp, r0:r1], W_hh, Gt, pbuf)
         A = Gt.reshape(n * 4 * H)
         _act_block(fast, False, A, A, co, fscr, ibuf)
         for b in range(r0, r1):
@@ -856,7 +914,7 @@ def _lstm_recur(fast, small, rev, lengths, W_hh, GATES, HX, CX, TC, lout,
 
 
 @njit(cache=True)
-def _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout, col,
+def _lstm_back_recur(rev, lengths, W_hh, GATES, CX, TC, dlout, col,
                      dh, dc, DELTA, sclip, use_sclip, flow, r0, r1, mk, pbuf):
     """BPTT of one LSTM direction for batch rows [r0, r1). dh, dc (B, H) hold
     dL/dh_T, dL/dc_T on entry and dL/dh0, dL/dc0 on exit; DELTA (T, B, 4H)
@@ -904,7 +962,7 @@ def _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout, col,
             else:
                 for j in range(4 * H):
                     dl[j] = 0
-        _step_nn(mk, DELTA[t, r0:r1], W_hh, nxt, small, pbuf)
+        _step_nn(mk, DELTA[t, r0:r1], W_hh, nxt, pbuf)
         for b in range(r0, r1):
             if t < lengths[b]:
                 dh[b] = nxt[b - r0]
@@ -912,42 +970,44 @@ def _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout, col,
 
 # ---- the recurrences, batch rows split into chunks run on separate cores ---
 # Batch rows are independent in the recurrence, so each core runs the whole
-# time loop for its rows: no synchronisation per step. Inside a chunk the
-# per-step product uses the register-blocked loops (no BLAS threads compete).
+# time loop for its rows: no synchronisation per step. The chunks are a
+# fixed partition of the batch (chunk_rows: rc rows each, the last one
+# shorter), whatever the thread count, so results are bitwise the same on 1,
+# 2 or 4 threads; numba's scheduler hands the chunks to its threads.
 @njit(cache=True, parallel=True)
-def _forward_chunks(lstm, mode, fast, small, nc, rev, lengths, W_hh, GATES,
+def _forward_chunks(lstm, mode, fast, rc, nc, rev, lengths, W_hh, GATES,
                     HX, CX, TC, lout, col, co, cot, mk, pack):
     B = HX.shape[1]
     for c in prange(nc):
-        r0 = c * B // nc
-        r1 = (c + 1) * B // nc
+        r0 = c * rc
+        r1 = min(B, r0 + rc)
         pbuf = _pack_slot(pack, mk, c)
         prev = _mkl_enter(mk)
         if lstm:
-            _lstm_recur(fast, small, rev, lengths, W_hh, GATES, HX, CX, TC,
+            _lstm_recur(fast, rev, lengths, W_hh, GATES, HX, CX, TC,
                         lout, col, co, cot, r0, r1, mk, pbuf)
         else:
-            _rnn_recur(mode, fast, small, rev, lengths, W_hh, HX, lout, col,
+            _rnn_recur(mode, fast, rev, lengths, W_hh, HX, lout, col,
                        co, r0, r1, mk, pbuf)
         _mkl_exit(mk, prev)
 
 
 @njit(cache=True, parallel=True)
-def _backward_chunks(lstm, mode, small, nc, rev, lengths, W_hh, GATES, HX, CX,
+def _backward_chunks(lstm, mode, rc, nc, rev, lengths, W_hh, GATES, HX, CX,
                      TC, dlout, col, dh, dc, DELTA, sclip, use_sclip, flowc,
                      mk, pack):
     B = HX.shape[1]
     for c in prange(nc):
-        r0 = c * B // nc
-        r1 = (c + 1) * B // nc
+        r0 = c * rc
+        r1 = min(B, r0 + rc)
         pbuf = _pack_slot(pack, mk, c)
         prev = _mkl_enter(mk)
         if lstm:
-            _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout,
+            _lstm_back_recur(rev, lengths, W_hh, GATES, CX, TC, dlout,
                              col, dh, dc, DELTA, sclip, use_sclip, flowc[c],
                              r0, r1, mk, pbuf)
         else:
-            _rnn_back_recur(mode, small, rev, lengths, W_hh, HX, dlout, col, dh,
+            _rnn_back_recur(mode, rev, lengths, W_hh, HX, dlout, col, dh,
                             DELTA, sclip, use_sclip, flowc[c], r0, r1, mk,
                             pbuf)
         _mkl_exit(mk, prev)
@@ -955,15 +1015,15 @@ def _backward_chunks(lstm, mode, small, nc, rev, lengths, W_hh, GATES, HX, CX,
 
 @njit(cache=True)
 def _dir_param_grads(x, tok, rev, HX, DELTA, gW_ih, gW_hh, gb_ih, gb_hh,
-                     bias, dwt, part, nc, par):
-    """dW_ih, dW_hh as one product each over all stored deltas (split over
-    the cores as partial sums); db by column sums."""
+                     bias, dwt, wt, nc, par):
+    """dW_ih, dW_hh as one product each over all stored deltas (rows of the
+    gradient split over the cores); db by column sums."""
     T = HX.shape[0] - 2
     B, H = HX.shape[1], HX.shape[2]
     GH = DELTA.shape[2]
     Dl = DELTA.reshape((T * B, GH))
     hprev = HX[2:T + 2] if rev else HX[0:T]
-    _pmm_tn(Dl, hprev.reshape((T * B, H)), gW_hh, part, nc, par)
+    _weight_grad(Dl, hprev.reshape((T * B, H)), gW_hh, wt, nc, par)
     if tok.shape[0] > 0:
         I = gW_ih.shape[1]
         dw = dwt[:I * GH].reshape((I, GH))
@@ -977,7 +1037,7 @@ def _dir_param_grads(x, tok, rev, HX, DELTA, gW_ih, gW_hh, gb_ih, gb_hh,
             for i in range(I):
                 gW_ih[j, i] = dw[i, j]
     else:
-        _pmm_tn(Dl, x, gW_ih, part, nc, par)
+        _weight_grad(Dl, x, gW_ih, wt, nc, par)
     if bias:
         _colsum(Dl, gb_ih)
         gb_hh[:] = gb_ih
@@ -997,7 +1057,7 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
     the top layer's output is returned as a view."""
     T, B, I, H = cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H]
     L, D, mode = cfg[C_L], cfg[C_D], cfg[C_MODE]
-    bias, fast, small = cfg[C_BIAS] != 0, cfg[C_FAST] != 0, cfg[C_SMALL]
+    bias, fast = cfg[C_BIAS] != 0, cfg[C_FAST] != 0
     G = 4 if mode == LSTM else 1
     sz = _sections_of(cfg)
     HXall = _section(ws, sz, 0).reshape((L * D, T + 2, B, H))
@@ -1013,9 +1073,7 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
     cot = _act_coefs(0, B, H, 1, flat.dtype)
     nc = cfg[C_NC]
     ncg = cfg[C_NCG]
-    # chunked recurrences: register-blocked loops up to CHUNK_MACS per step,
-    # then BLAS (pinned to one thread, so the chunks do not compete)
-    small_eff = small if nc == 1 else CHUNK_MACS
+    rc = cfg[C_RC]
     lstm = mode == LSTM
     GH = G * H
     for k in range(L):
@@ -1049,7 +1107,7 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
             HX[hpos0] = state0[0, kd]
             if lstm:
                 CX[hpos0] = state0[1, kd]
-            _forward_chunks(lstm, mode, fast, small_eff, nc, d == 1, lengths,
+            _forward_chunks(lstm, mode, fast, rc, nc, d == 1, lengths,
                             W_hh, GATES, HX, CX, TC, LOUT[k], d * H, co, cot,
                             mk, pack)
             hpos = 1 if d == 1 else T
@@ -1071,7 +1129,7 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
     norm of dL/dh_t of the top layer (valid rows, both directions)."""
     T, B, I, H = cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H]
     L, D, mode = cfg[C_L], cfg[C_D], cfg[C_MODE]
-    bias, small = cfg[C_BIAS] != 0, cfg[C_SMALL]
+    bias = cfg[C_BIAS] != 0
     use_sclip = cfg[C_SCLIP] != 0
     G = 4 if mode == LSTM else 1
     GH = G * H
@@ -1086,15 +1144,14 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
     DELTA = _section(ws, sz, 5).reshape((T, B, GH))
     DA = _section(ws, sz, 6)
     DB = _section(ws, sz, 7)
-    TMP = _section(ws, sz, 8)
     DH = _section(ws, sz, 10).reshape((2, B, H))
     dwt = _section(ws, sz, 12)
-    PART = _section(ws, sz, 9)
+    wt = _section(ws, sz, 11)
     mk = cfg[C_MKL:C_MKL + 6]
     pack = _section(ws, sz, 17)
     nc = cfg[C_NC]
     ncg = cfg[C_NCG]
-    small_eff = small if nc == 1 else CHUNK_MACS
+    rc = cfg[C_RC]
     lstm = mode == LSTM
     flowc = np.zeros((nc, T), dtype=np.float64)
     flow[:] = 0
@@ -1129,7 +1186,7 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
                 dc[:] = dstate_n[1, kd]
             HX = HXall[kd]
             flowc[:] = 0
-            _backward_chunks(lstm, mode, small_eff, nc, d == 1, lengths, W_hh,
+            _backward_chunks(lstm, mode, rc, nc, d == 1, lengths, W_hh,
                              GATESall[kd] if lstm else HX, HX,
                              CXall[kd] if lstm else HX,
                              TCall[kd] if lstm else HX, dl, d * H, dh, dc,
@@ -1142,15 +1199,16 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
                 dstate0[1, kd] = dc
             dstate0[0, kd] = dh
             _dir_param_grads(xin, tk, d == 1, HXall[kd], DELTA, gW_ih, gW_hh,
-                             gb_ih, gb_hh, bias, dwt, PART, ncg, cfg[C_PAR])
+                             gb_ih, gb_hh, bias, dwt, wt, ncg, cfg[C_PAR])
             # gradient of this layer's input (not for token ids, nor when the
             # caller passes an empty dx: training needs no input gradient)
             if not (k == 0 and (has_tok or dx.shape[0] == 0)):
                 Dl = DELTA.reshape((T * B, GH))
-                if d == 0:
-                    _pmm(Dl, W_ih, din, ncg, cfg[C_PAR])
+                if Ik < 64:
+                    _pgemm_nt(Dl, _transpose_into(W_ih, wt), din, d > 0, ncg,
+                              cfg[C_PAR])
                 else:
-                    _pmm_acc(Dl, W_ih, din, TMP, ncg, cfg[C_PAR])
+                    _pgemm(False, Dl, W_ih, din, d > 0, ncg, cfg[C_PAR])
         if k > 0:
             dl = din.reshape((T, B, Ik))
     for t in range(T):
@@ -1242,13 +1300,14 @@ def readout_forward_kernel(cfg, flat, lengths, top, ws):
         z = _section(ws, sz, 13)[:B * O].reshape((B, O))
         for b in range(B):
             hl[b] = top[lengths[b] - 1, b]
-        np.dot(hl, W.T, z)
+        _gemm_nn(hl, _transpose_into(W, _section(ws, sz, 11)), z, False, 0, B)
         for b in range(B):
             for o in range(O):
                 z[b, o] += bout[o]
         return z
     z = _section(ws, sz, 13).reshape((T * B, O))
-    _pmm(top.reshape((T * B, DH)), W.T, z, cfg[C_NCG], cfg[C_PAR])
+    _pgemm(False, top.reshape((T * B, DH)), _transpose_into(W, _section(ws, sz, 11)),
+           z, False, cfg[C_NCG], cfg[C_PAR])
     for t in range(T):
         for b in range(B):
             r = z[t * B + b]
@@ -1267,7 +1326,7 @@ def _sections_of(cfg):
     G = 4 if mode == LSTM else 1
     return _sections(cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H], cfg[C_L],
                      cfg[C_D], G, cfg[C_O], 1 if mode == LSTM else 0,
-                     cfg[C_TOK], cfg[C_NCG], cfg[C_NC] * cfg[C_MKL_PACKN])
+                     cfg[C_TOK], cfg[C_NC] * cfg[C_MKL_PACKN])
 
 
 @njit(cache=True)
@@ -1292,9 +1351,9 @@ def loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf, grad, dtop):
         for b in range(B):
             loss += _loss_row(cfg[C_LOSS], z[b], yi[min(b, ni)],
                               yf[min(b, nf)], inv_b, dz[b])
-        np.dot(dz.T, hl, gW)
+        _gemm_tn(dz, hl, gW, False, 0, O)
         dh = _section(ws, sz, 8)[:B * DH].reshape((B, DH))
-        np.dot(dz, W, dh)
+        _gemm_nn(dz, W, dh, False, 0, B)
         dtop[:] = 0
         for b in range(B):
             dtop[lengths[b] - 1, b] = dh[b]
@@ -1317,9 +1376,10 @@ def loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf, grad, dtop):
                                           yf[min(r, nf)], inv_b, dz[r])
                     else:
                         dz[r] = 0
-        _pmm_tn(dz, top.reshape((T * B, DH)), gW, _section(ws, sz, 9),
-                cfg[C_NCG], cfg[C_PAR])
-        _pmm(dz, W, dtop.reshape((T * B, DH)), cfg[C_NCG], cfg[C_PAR])
+        _pgemm(True, dz, top.reshape((T * B, DH)), gW, False, cfg[C_NCG],
+               cfg[C_PAR])
+        _pgemm(False, dz, W, dtop.reshape((T * B, DH)), False, cfg[C_NCG],
+               cfg[C_PAR])
     gb[:] = 0
     for r in range(dz.shape[0]):
         for o in range(O):
@@ -1442,61 +1502,10 @@ _CLIPS = {None: 0, "norm": 1, "value": 2}
 _MODES = {"tanh": 0, "relu": 1, "sigmoid": 2, "lstm": 3}
 
 
-class _BlasThreads:
-    """Pins the BLAS that numba's np.dot calls (scipy's OpenBLAS) to one
-    thread for the duration of a kernel call, then restores the caller's
-    setting. If that library cannot be found, can_pin is False and the
-    kernels do not split work over cores themselves."""
-
-    def __init__(self):
-        self.can_pin = False
-        self._get = self._set = None
-        try:
-            import ctypes
-            import glob
-            import os
-
-            import scipy
-            libdir = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)),
-                                  "scipy.libs")
-            for path in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*"))):
-                if "64_" in os.path.basename(path):
-                    continue          # numpy's ILP64 build is not the one numba calls
-                lib = ctypes.CDLL(path)
-                self._get = lib.scipy_openblas_get_num_threads
-                self._set = lib.scipy_openblas_set_num_threads
-                self._get.restype = ctypes.c_int
-                self._set.argtypes = [ctypes.c_int]
-                self.can_pin = True
-                break
-        except Exception:
-            self.can_pin = False
-
-    def __call__(self, pin):
-        """Context manager: pin to one thread if `pin`, else change nothing."""
-        self._pin = pin and self.can_pin
-        return self
-
-    def __enter__(self):
-        if self._pin:
-            self._saved = self._get()
-            if self._saved != 1:
-                self._set(1)
-        return self
-
-    def __exit__(self, *exc):
-        if self._pin and self._saved != 1:
-            self._set(self._saved)
-        return False
-
-
-_BLAS = _BlasThreads()
-
-
 class _Ctx:
     """Per-caller state kept between calls: the workspace and the cfg array
     for the last shape, so a steady training loop allocates nothing."""
-    __slots__ = ("key", "cfg", "ws", "grad", "state_n", "res", "fcfg", "pin")
+    __slots__ = ("key", "cfg", "ws", "grad", "state_n", "res", "fcfg")
 
     def __init__(self):
         self.key = None
@@ -1506,15 +1515,23 @@ def _ctx(ctx):
     return ctx_state(ctx, "numba", _Ctx)
 
 
-def _mkl_config(cfg, spec, dtype, B, nc):
-    """Fill cfg's MKL slots for this shape; returns the elements of one
-    chunk's packing slot (0: no packing)."""
+def chunk_rows(B):
+    """Rows per chunk of the batch's fixed partition for the recurrences:
+    at most SPLIT chunks, each a multiple of 4 rows from B = 4 on (the
+    register blocks of _addmm_nt), one row each below. It depends on B only,
+    never on the thread count, so results do not either."""
+    if B < 4:
+        return 1
+    rc = -(-B // SPLIT)
+    return -(-rc // 4) * 4
+
+
+def _mkl_config(cfg, spec, dtype, flags, rc):
+    """Fill cfg's MKL slots for this shape with the MK_* flags chosen for
+    it (chunks of at most rc rows); returns the elements of one chunk's
+    packing slot (0: no packing)."""
     cfg[C_MKL:C_MKL + 6] = 0
-    if _GEMM != "mkl" or nc < 2:
-        return 0
-    flags = mkl_paths(B // nc, spec.H,     # the smallest chunk
-                      4 if spec.mode == "lstm" else 1)
-    if flags & (MK_FWD | MK_BWD) == 0:
+    if _GEMM != "mkl" or flags & (MK_FWD | MK_BWD) == 0:
         return 0
     t = np.dtype(dtype).char
     cfg[C_MKL] = flags
@@ -1525,7 +1542,7 @@ def _mkl_config(cfg, spec, dtype, B, nc):
     if not flags & MK_PACKED:
         return 0
     H, GH = spec.H, (4 if spec.mode == "lstm" else 1) * spec.H
-    m = -(-B // nc)                        # the largest chunk
+    m = rc                                 # the largest chunk
     nbytes = max(_MKL.pack_size(t, _B_MATRIX, m, GH, H),     # W_hh.T, forward
                  _MKL.pack_size(t, _B_MATRIX, m, H, GH))     # W_hh, backward
     isz = np.dtype(dtype).itemsize
@@ -1554,27 +1571,22 @@ def _prepare(c, spec, flat, T, B, tok):
     cfg[C_READOUT] = 1 if spec.readout == "last" else 0
     cfg[C_LOSS] = 1 if spec.loss == "mse" else 0
     cfg[C_FAST] = int(flat.dtype == np.float32)
-    cfg[C_SMALL] = SMALL_MACS
-    # Work split over the cores: batch rows for the recurrences (rows are
-    # independent), rows or partial sums for the one-off products. Only when
-    # BLAS can be pinned to one thread during our calls; otherwise BLAS keeps
-    # its own threads and the kernels run on one core (no oversubscription).
-    # At B = 1 there is nothing to split in the recurrence: the per-step
-    # product is then best left to BLAS with its own threads.
-    # Caps keep the chunks' row blocks and the partial-sum scratch (PART,
-    # (ncg-1) copies of a weight gradient) reasonable on many-core machines.
-    ncg = min(numba.get_num_threads(), MAX_SPLIT) if (_BLAS.can_pin and B >= 2) else 1
-    cfg[C_NCG] = ncg
-    cfg[C_NC] = max(1, min(ncg, B))
-    c.pin = ncg > 1
+    # Work split over the cores: batch rows for the recurrences, in the
+    # fixed partition of chunk_rows (rows are independent); rows of the
+    # result for the one-off products (any split gives the same bits), over
+    # at most SPLIT of numba's threads.
+    rc = chunk_rows(B)
+    cfg[C_RC] = rc
+    cfg[C_NC] = -(-B // rc)
+    cfg[C_NCG] = max(1, min(numba.get_num_threads(), SPLIT))
     cfg[C_PAR] = PAR_MACS
     cfg[C_WOUT], cfg[C_BOUT] = out_offsets(spec)
     cfg[C_POFF:] = poff.ravel()
-    packn = _mkl_config(cfg, spec, flat.dtype, B, cfg[C_NC])
+    packn = _mkl_config(cfg, spec, flat.dtype, _mkl_flags(spec, flat.dtype, B),
+                        rc)
     G = 4 if spec.mode == "lstm" else 1
     n = workspace_size(T, B, spec.I, spec.H, spec.L, spec.D, G, spec.O,
-                       int(spec.mode == "lstm"), int(tok), ncg,
-                       cfg[C_NC] * packn)
+                       int(spec.mode == "lstm"), int(tok), cfg[C_NC] * packn)
     c.cfg = cfg
     c.ws = _aligned_zeros(n, flat.dtype, WS_ALIGN)
     c.grad = np.zeros_like(flat)
@@ -1615,9 +1627,8 @@ def _begin(spec, flat, x, lengths, ctx):
 
 def core_forward(spec, flat, x, lengths, state0, ctx=None):
     c, T, B, x2, tok, lengths, state_n = _begin(spec, flat, x, lengths, ctx)
-    with _BLAS(c.pin):
-        top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
-                                  state_n)
+    top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
+                              state_n)
     return top.copy(), state_n, (c, x2, tok, lengths, T, B, state_n.shape)
 
 
@@ -1632,20 +1643,18 @@ def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None,
     flow = np.empty(T, dtype=np.float64)
     dout = np.ascontiguousarray(dout, dtype=flat.dtype)
     dstate_n = np.ascontiguousarray(dstate_n, dtype=flat.dtype)
-    with _BLAS(c.pin):
-        core_backward_kernel(cfg, flat, x2, tok, lengths, c.ws, dout, dstate_n,
-                             grad, dx, dstate0, flow,
-                             0.0 if state_clip is None else float(state_clip))
+    core_backward_kernel(cfg, flat, x2, tok, lengths, c.ws, dout, dstate_n,
+                         grad, dx, dstate0, flow,
+                         0.0 if state_clip is None else float(state_clip))
     dx = None if tok.shape[0] else dx.reshape(T, B, spec.I)
     return dx, dstate0, grad, flow
 
 
 def model_forward(spec, flat, x, lengths, state0, ctx=None):
     c, T, B, x2, tok, lengths, state_n = _begin(spec, flat, x, lengths, ctx)
-    with _BLAS(c.pin):
-        top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
-                                  state_n)
-        z = readout_forward_kernel(c.cfg, flat, lengths, top, c.ws).copy()
+    top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
+                              state_n)
+    z = readout_forward_kernel(c.cfg, flat, lengths, top, c.ws).copy()
     if spec.readout == "last":
         return z, state_n
     return z.reshape(T, B, spec.O), state_n
@@ -1667,9 +1676,8 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
     f[F_LIMIT] = 0.0 if limit is None else limit
     f[F_SCLIP] = 0.0 if state_clip is None else state_clip
     yi, yf = _targets(spec, y, flat.dtype)
-    with _BLAS(c.pin):
-        train_step_kernel(cfg, f, flat, c.grad, opt_state,
-                          (x2, tok, lengths, state0, yi, yf), c.ws, state_n, c.res)
+    train_step_kernel(cfg, f, flat, c.grad, opt_state,
+                      (x2, tok, lengths, state0, yi, yf), c.ws, state_n, c.res)
     r = c.res
     return dict(loss=float(r[R_LOSS]), grad_norm=float(r[R_GNORM]),
                 clipped=bool(r[R_CLIPPED]), skipped=bool(r[R_SKIPPED]),
@@ -1682,7 +1690,6 @@ def gradient_flow(spec, flat, x, lengths, state0, y, ctx=None):
     flow = np.empty(T, dtype=np.float64)
     cfg = c.cfg.copy()
     cfg[C_SCLIP] = 0
-    with _BLAS(c.pin):
-        flow_kernel(cfg, flat, c.grad, (x2, tok, lengths, state0, yi, yf), c.ws,
-                    state_n, flow)
+    flow_kernel(cfg, flat, c.grad, (x2, tok, lengths, state0, yi, yf), c.ws,
+                state_n, flow)
     return flow
