@@ -50,7 +50,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from . import _mkl, ctx_state
+from . import _mkl, _plan, ctx_state
 
 name = "numba"
 
@@ -91,51 +91,18 @@ else:
     _MKL = _mkl.load() if _ok else None
 # "mkl" or "default" (register-blocked loops and OpenBLAS); set_gemm changes it
 _GEMM = "mkl" if _MKL is not None else "default"
-# With the engine "mkl", the per-step products of the chunked recurrences
-# (one core each, B >= 2) call MKL where it measured faster than the
-# register-blocked loops on the 2-core AMD EPYC dev machine, by the chunk's
-# batch rows m, H and the gate count G (benchmarks/results/mkl_crossover.txt:
-# both chunks at once, T=100, LSTM and RNN shapes, aligned arrays). Below 8
-# rows the loops win everywhere.
-#   forward  h_{t-1} W_hh^T: MKL at m >= 8 with H <= 64 (LSTM H=32, m=32:
-#            127 against 66 GFLOP/s over 2 cores), and at m >= 32 while
-#            G*H*H <= 65536 (LSTM H <= 128, RNN H <= 256); the loops beyond
-#            (LSTM H = 512: 140 against 109-119).
-#   backward dgates W_hh:    MKL at m >= 16 (103-138 against 75-98), and at
-#            m = 8..15 while G*H*H <= 4096 (LSTM H <= 32, RNN H <= 64); a
-#            tie or worse in the whole training step at m = 8 beyond (LSTM
-#            H = 128: 0-6% slower with it over three runs, RNN H = 128: 2%).
-# The one-off products stay on OpenBLAS: single-threaded it ran them at
-# 55-92 GFLOP/s, MKL at 27-78 (the weight gradient 3200 x 2048 x 512: 88
-# against 71). The packed API (W_hh packed once per call, reused for the T
-# steps) measured no better than plain ?gemm here (within +-10%, worse at
-# H = 512), so it is off by default; MKL_PACKED = True turns it on.
+# With the engine "mkl", the plan (choose, backends/_plan.py) times the
+# per-step products on the loops and on MKL (forward, backward, both) for
+# each shape class on this machine and keeps the fastest; FASTRNN_PLAN=off
+# keeps the loops. MKL is called with its thread-local setting at one
+# thread from inside the chunks. (Measured on an AMD EPYC, MKL loads its
+# generic kernels there: the 4x2-blocked loops beat it at most shapes.) The
+# one-off products never use MKL. The packed API (W_hh packed once per call,
+# reused for the T steps) measured no better than plain ?gemm on the AVX2
+# dev machine, so it is off by default; MKL_PACKED = True turns it on.
 MKL_PACKED = False
-# tests: force these MK_* flags at every split shape (None: the rules above)
+# tests: force these MK_* flags at every shape (None: the plan)
 MKL_FORCE = None
-
-
-def _mkl_flags(spec, dtype, B):
-    """MK_* flags of the per-step products for this shape: MKL_FORCE, else
-    the rules of mkl_paths for chunks of chunk_rows(B) rows."""
-    if MKL_FORCE is not None:
-        return MKL_FORCE
-    return mkl_paths(chunk_rows(B), spec.H, 4 if spec.mode == "lstm" else 1)
-
-
-def mkl_paths(m, H, G):
-    """MK_* flags: which per-step products use MKL for chunks of m rows
-    (G = 4 for the LSTM, 1 for the RNN)."""
-    if MKL_FORCE is not None:
-        return MKL_FORCE
-    f = 0
-    if (m >= 8 and H <= 64) or (m >= 32 and G * H * H <= 65536):
-        f |= MK_FWD
-    if m >= 16 or (m >= 8 and G * H * H <= 4096):
-        f |= MK_BWD
-    if f and MKL_PACKED:
-        f |= MK_PACKED
-    return f
 
 
 def set_gemm(engine):
@@ -153,22 +120,33 @@ def set_gemm(engine):
 
 def gemm_engine():
     """'mkl (packed)', 'mkl' or 'default': the engine of the per-step
-    products (MKL where mkl_paths says so, the loops elsewhere)."""
+    products (MKL where the plan measured it faster, the loops elsewhere)."""
     if _GEMM == "mkl":
         return "mkl (packed)" if MKL_PACKED else "mkl"
     return "default"
 
 
+def plan_where():
+    """Where the plan lives, or why there is none."""
+    if not _plan.enabled():
+        return "plan: off (FASTRNN_PLAN=off: built-in loops, all threads)"
+    try:
+        p = _plan.get_plan(_plan_version())
+    except Exception as e:  # an unreadable environment: say so, do not fail
+        return f"plan: unavailable ({type(e).__name__}: {e})"
+    return f"plan: {p.path} ({len(p.entries)} shape classes; `fastrnn tune`)"
+
+
 def available():
     if _GEMM == "mkl":
-        gemm = (f"gemm: {gemm_engine()} for the per-step products of batch "
-                "chunks of >= 8 rows where it measured faster, built-in loops "
-                f"and OpenBLAS for the rest [{_MKL.describe()}]")
+        gemm = (f"gemm: {gemm_engine()} for the per-step products where the "
+                "plan measured it faster, built-in loops for the rest "
+                f"[{_MKL.describe()}]")
     elif _MKL_REQUIRED:
         gemm = f"gemm: MKL required (FASTRNN_MKL=1) but not usable: {_MKL_WHY}"
     else:
-        gemm = f"gemm: built-in loops and OpenBLAS (MKL not used: {_MKL_WHY})"
-    return True, "numba imported; " + gemm
+        gemm = f"gemm: built-in loops (MKL not used: {_MKL_WHY})"
+    return True, "numba imported; " + gemm + "; " + plan_where()
 
 
 # ============================================================================
@@ -1598,7 +1576,8 @@ _MODES = {"tanh": 0, "relu": 1, "sigmoid": 2, "lstm": 3}
 class _Ctx:
     """Per-caller state kept between calls: the workspace and the cfg array
     for the last shape, so a steady training loop allocates nothing."""
-    __slots__ = ("key", "cfg", "ws", "grad", "state_n", "res", "fcfg")
+    __slots__ = ("key", "cfg", "ws", "grad", "state_n", "res", "fcfg",
+                 "serial")
 
     def __init__(self):
         self.key = None
@@ -1644,17 +1623,9 @@ def _mkl_config(cfg, spec, dtype, flags, rc):
     return packn
 
 
-def _prepare(c, spec, flat, T, B, tok):
-    if _MKL_REQUIRED and _MKL is None:
-        raise RuntimeError("FASTRNN_MKL=1 asks for MKL in the numba backend, "
-                           f"but it is not usable: {_MKL_WHY}")
-    if _MKL_ENV_BAD:
-        raise ValueError("FASTRNN_MKL: expected 0, 1 or auto (unset), got "
-                         f"{os.environ.get('FASTRNN_MKL')!r}")
-    key = (spec, T, B, tok, flat.dtype, numba.get_num_threads(), PAR_MACS,
-           _GEMM, MKL_PACKED, MKL_FORCE, WS_ALIGN)
-    if c.key == key:
-        return
+def _make_cfg(spec, dtype, T, B, tok, flags):
+    """cfg for this shape with the MK_* flags `flags`, and the workspace
+    size (elements)."""
     from .._spec import out_offsets, param_offsets
     poff = param_offsets(spec)
     cfg = np.zeros(C_POFF + poff.size, dtype=np.int64)
@@ -1663,7 +1634,7 @@ def _prepare(c, spec, flat, T, B, tok):
     cfg[C_BIAS], cfg[C_TOK], cfg[C_O] = int(spec.bias), int(tok), spec.O
     cfg[C_READOUT] = 1 if spec.readout == "last" else 0
     cfg[C_LOSS] = 1 if spec.loss == "mse" else 0
-    cfg[C_FAST] = int(flat.dtype == np.float32)
+    cfg[C_FAST] = int(np.dtype(dtype) == np.float32)
     # Work split over the cores: batch rows for the recurrences, in the
     # fixed partition of chunk_rows (rows are independent); rows of the
     # result for the one-off products (any split gives the same bits), over
@@ -1675,12 +1646,26 @@ def _prepare(c, spec, flat, T, B, tok):
     cfg[C_PAR] = PAR_MACS
     cfg[C_WOUT], cfg[C_BOUT] = out_offsets(spec)
     cfg[C_POFF:] = poff.ravel()
-    packn = _mkl_config(cfg, spec, flat.dtype, _mkl_flags(spec, flat.dtype, B),
-                        rc)
+    packn = _mkl_config(cfg, spec, dtype, flags, rc)
     G = 4 if spec.mode == "lstm" else 1
     n = workspace_size(T, B, spec.I, spec.H, spec.L, spec.D, G, spec.O,
                        int(spec.mode == "lstm"), int(tok), cfg[C_NC] * packn)
-    c.cfg = cfg
+    return cfg, n
+
+
+def _prepare(c, spec, flat, T, B, tok):
+    if _MKL_REQUIRED and _MKL is None:
+        raise RuntimeError("FASTRNN_MKL=1 asks for MKL in the numba backend, "
+                           f"but it is not usable: {_MKL_WHY}")
+    if _MKL_ENV_BAD:
+        raise ValueError("FASTRNN_MKL: expected 0, 1 or auto (unset), got "
+                         f"{os.environ.get('FASTRNN_MKL')!r}")
+    key = (spec, T, B, tok, flat.dtype, numba.get_num_threads(), PAR_MACS,
+           _GEMM, MKL_PACKED, MKL_FORCE, WS_ALIGN, _plan.enabled())
+    if c.key == key:
+        return
+    flags, c.serial = choose(spec, flat.dtype, B, tok)
+    c.cfg, n = _make_cfg(spec, flat.dtype, T, B, tok, flags)
     c.ws = _aligned_zeros(n, flat.dtype, WS_ALIGN)
     c.grad = np.zeros_like(flat)
     c.state_n = np.zeros((2 if spec.mode == "lstm" else 1, spec.L * spec.D,
@@ -1688,6 +1673,193 @@ def _prepare(c, spec, flat, T, B, tok):
     c.res = np.zeros(4, dtype=np.float64)
     c.fcfg = np.zeros(8, dtype=np.float64)
     c.key = key
+
+
+class _Threads:
+    """Runs a kernel call on one of numba's threads when the plan chose
+    that (numba.set_num_threads is per calling thread: other threads and
+    the results are unaffected), else changes nothing."""
+
+    def __init__(self, serial):
+        self.serial = serial
+
+    def __enter__(self):
+        if self.serial:
+            self.prev = numba.get_num_threads()
+            numba.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.serial:
+            numba.set_num_threads(self.prev)
+        return False
+
+
+# ============================================================================
+# the measured plan (backends/_plan.py)
+# ============================================================================
+PLAN_T = 8             # time steps of the synthetic step a plan times
+PLAN_BUDGET_S = 0.8    # planning one shape stops measuring after this long
+# another strategy replaces the default (loops, all threads) only when it
+# measured at least this much faster (timing noise must not flip choices)
+PLAN_MARGIN = 0.97
+
+
+def _num_threads():
+    """numba's thread count for this thread (what the plan is chosen for)."""
+    return numba.get_num_threads()
+
+
+def shape_class(spec, dtype, B, tok):
+    """The plan's key of a shape (T and the read-out only scale the work)."""
+    cell = "lstm" if spec.mode == "lstm" else "rnn"
+    return (f"{cell}/{np.dtype(dtype).name}/B={B}/H={spec.H}/I={spec.I}/"
+            f"L={spec.L}/D={spec.D}/{'tok' if tok else 'x'}/gemm={_GEMM}")
+
+
+def plan_candidates():
+    """The MK_* flags the plan chooses among: the loops (0), and with the
+    engine "mkl" MKL for the forward, the backward or both per-step
+    products."""
+    if _GEMM != "mkl":
+        return [0]
+    return [0, MK_FWD, MK_BWD, MK_FWD | MK_BWD]
+
+
+def _plan_version():
+    return _MKL.describe() if _MKL is not None else ""
+
+
+def choose(spec, dtype, B, tok):
+    """(MK_* flags, serial) for this shape: MKL_FORCE; the fixed default
+    (loops, all threads) when FASTRNN_PLAN=off or there is nothing to
+    choose; else the plan, measured now if this shape class is new."""
+    if MKL_FORCE is not None:
+        return MKL_FORCE, False
+    mks = plan_candidates()
+    nth = _num_threads()
+    if not _plan.enabled() or (len(mks) == 1 and nth == 1):
+        return 0, False
+    plan = _plan.get_plan(_plan_version())
+    key = shape_class(spec, dtype, B, tok)
+    e = plan.get(key)
+    ok = (e is not None and e.get("mkl") in mks
+          and isinstance(e.get("serial"), dict)
+          and isinstance(e["serial"].get(str(nth)), bool))
+    if not ok:
+        e = measure(spec, dtype, B, tok, mks, nth,
+                    e if e is not None and e.get("mkl") in mks else None)
+        plan.put(key, e)
+    return int(e["mkl"]), bool(e["serial"][str(nth)])
+
+
+def tune(cells, batches, hiddens, I=32, dtype="float32", replan=False):
+    """Plan (and compile for) each (cell, B, H) of the grid now; returns one
+    row per shape: the choice and the synthetic step's time."""
+    from .._spec import make_spec
+    dtype = np.dtype(dtype)
+    nth = _num_threads()
+    plan = _plan.get_plan(_plan_version()) if _plan.enabled() else None
+    rows = []
+    for cell in cells:
+        for B in batches:
+            for H in hiddens:
+                spec = make_spec("lstm" if cell == "lstm" else "tanh", I, H,
+                                 O=10)
+                if replan and plan is not None:
+                    key = shape_class(spec, dtype, B, False)
+                    if plan.get(key) is not None:
+                        plan.entries.pop(key, None)
+                mk, serial = choose(spec, dtype, B, False)
+                names = [n for f, n in ((MK_FWD, "fwd"), (MK_BWD, "bwd"))
+                         if mk & f]
+                rows.append(dict(
+                    cell=cell, B=B, H=H, mkl=mk,
+                    products=("mkl " + "+".join(names)) if names else "loops",
+                    threads="1" if serial else str(nth),
+                    ms=1e3 * time_strategy(spec, dtype, B, False, mk, serial)))
+    return rows
+
+
+def _synthetic(spec, dtype, T, B, tok):
+    """A training step's arguments for timing (SGD with lr 0: the
+    parameters do not move)."""
+    from .._spec import n_params
+    sp = spec.with_readout(max(spec.O, 1), "cross_entropy", "all")
+    rng = np.random.default_rng(0)
+    P = n_params(sp)
+    flat = (0.1 * rng.standard_normal(P)).astype(dtype)
+    if tok:
+        x = np.empty((0, 1), dtype=dtype)
+        ids = rng.integers(0, sp.I, T * B).astype(np.int64)
+    else:
+        x = rng.standard_normal((T * B, sp.I)).astype(dtype)
+        ids = np.empty(0, np.int64)
+    S = 2 if sp.mode == "lstm" else 1
+    state0 = np.zeros((S, sp.L * sp.D, B, sp.H), dtype=dtype)
+    batch = (x, ids, np.full(B, T, np.int64), state0,
+             np.zeros(T * B, np.int64), np.zeros((1, sp.O), dtype=dtype))
+    return sp, flat, batch
+
+
+def time_strategy(spec, dtype, B, tok, flags, serial, T=PLAN_T, reps=3,
+                  budget=None):
+    """Best time (s) of a synthetic training step of T steps with these
+    MK_* flags, on one thread if `serial`."""
+    import time
+    sp, flat, batch = _synthetic(spec, dtype, T, B, tok)
+    cfg, n = _make_cfg(sp, dtype, T, B, tok, flags)
+    ws = _aligned_zeros(n, dtype, WS_ALIGN)
+    grad = np.zeros_like(flat)
+    opt = np.zeros((2, flat.size), dtype=dtype)
+    state_n = np.zeros_like(batch[3])
+    res = np.zeros(4, dtype=np.float64)
+    fcfg = np.zeros(8, dtype=np.float64)
+    best = math.inf
+    t_end = None if budget is None else time.perf_counter() + budget
+    with _Threads(serial):
+        train_step_kernel(cfg, fcfg, flat, grad, opt, batch, ws, state_n, res)
+        for _ in range(reps):
+            t = time.perf_counter()
+            train_step_kernel(cfg, fcfg, flat, grad, opt, batch, ws, state_n,
+                              res)
+            best = min(best, time.perf_counter() - t)
+            if t_end is not None and time.perf_counter() > t_end:
+                break
+    return best
+
+
+def measure(spec, dtype, B, tok, mks, nth, known=None):
+    """Time the candidates of one shape class: the MK_* flags (unless
+    `known` has them) on all threads, then serial or not with that choice;
+    within PLAN_BUDGET_S (after a first call that compiles the kernels if
+    needed). Returns the plan entry."""
+    import time
+    time_strategy(spec, dtype, B, tok, 0, False, T=1, reps=0)
+    t0 = time.perf_counter()
+    times = {}
+    if known is not None:
+        best_mk = known["mkl"]
+        entry = dict(known, serial=dict(known.get("serial") or {}))
+    else:
+        for mk in mks:
+            left = PLAN_BUDGET_S - (time.perf_counter() - t0)
+            if times and left <= 0:
+                break
+            times[mk] = time_strategy(spec, dtype, B, tok, mk, False,
+                                      budget=left / max(1, len(mks) - len(times)))
+        best_mk = min(times, key=times.get)
+        if times[best_mk] > PLAN_MARGIN * times[0]:
+            best_mk = 0
+        entry = {"mkl": best_mk, "serial": {},
+                 "ms": {str(k): round(v * 1e3, 4) for k, v in times.items()}}
+    serial = False
+    if nth > 1 and time.perf_counter() - t0 < PLAN_BUDGET_S:
+        par = times.get(best_mk) or time_strategy(spec, dtype, B, tok, best_mk,
+                                                  False)
+        one = time_strategy(spec, dtype, B, tok, best_mk, True)
+        serial = one < PLAN_MARGIN * par
+    entry["serial"][str(nth)] = serial
+    return entry
 
 
 def _split_x(x, dtype):
@@ -1720,8 +1892,9 @@ def _begin(spec, flat, x, lengths, ctx):
 
 def core_forward(spec, flat, x, lengths, state0, ctx=None):
     c, T, B, x2, tok, lengths, state_n = _begin(spec, flat, x, lengths, ctx)
-    top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
-                              state_n)
+    with _Threads(c.serial):
+        top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
+                                  state_n)
     return top.copy(), state_n, (c, x2, tok, lengths, T, B, state_n.shape)
 
 
@@ -1736,18 +1909,20 @@ def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None,
     flow = np.empty(T, dtype=np.float64)
     dout = np.ascontiguousarray(dout, dtype=flat.dtype)
     dstate_n = np.ascontiguousarray(dstate_n, dtype=flat.dtype)
-    core_backward_kernel(cfg, flat, x2, tok, lengths, c.ws, dout, dstate_n,
-                         grad, dx, dstate0, flow,
-                         0.0 if state_clip is None else float(state_clip))
+    with _Threads(c.serial):
+        core_backward_kernel(cfg, flat, x2, tok, lengths, c.ws, dout, dstate_n,
+                             grad, dx, dstate0, flow,
+                             0.0 if state_clip is None else float(state_clip))
     dx = None if tok.shape[0] else dx.reshape(T, B, spec.I)
     return dx, dstate0, grad, flow
 
 
 def model_forward(spec, flat, x, lengths, state0, ctx=None):
     c, T, B, x2, tok, lengths, state_n = _begin(spec, flat, x, lengths, ctx)
-    top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
-                              state_n)
-    z = readout_forward_kernel(c.cfg, flat, lengths, top, c.ws).copy()
+    with _Threads(c.serial):
+        top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
+                                  state_n)
+        z = readout_forward_kernel(c.cfg, flat, lengths, top, c.ws).copy()
     if spec.readout == "last":
         return z, state_n
     return z.reshape(T, B, spec.O), state_n
@@ -1769,8 +1944,10 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
     f[F_LIMIT] = 0.0 if limit is None else limit
     f[F_SCLIP] = 0.0 if state_clip is None else state_clip
     yi, yf = _targets(spec, y, flat.dtype)
-    train_step_kernel(cfg, f, flat, c.grad, opt_state,
-                      (x2, tok, lengths, state0, yi, yf), c.ws, state_n, c.res)
+    with _Threads(c.serial):
+        train_step_kernel(cfg, f, flat, c.grad, opt_state,
+                          (x2, tok, lengths, state0, yi, yf), c.ws, state_n,
+                          c.res)
     r = c.res
     return dict(loss=float(r[R_LOSS]), grad_norm=float(r[R_GNORM]),
                 clipped=bool(r[R_CLIPPED]), skipped=bool(r[R_SKIPPED]),
@@ -1783,6 +1960,7 @@ def gradient_flow(spec, flat, x, lengths, state0, y, ctx=None):
     flow = np.empty(T, dtype=np.float64)
     cfg = c.cfg.copy()
     cfg[C_SCLIP] = 0
-    flow_kernel(cfg, flat, c.grad, (x2, tok, lengths, state0, yi, yf), c.ws,
-                state_n, flow)
+    with _Threads(c.serial):
+        flow_kernel(cfg, flat, c.grad, (x2, tok, lengths, state0, yi, yf),
+                    c.ws, state_n, flow)
     return flow
