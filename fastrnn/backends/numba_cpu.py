@@ -11,24 +11,32 @@ Design (see DESIGN.md):
 - The input projection W_ih x for all T*B rows is one product before the time
   loop (a row gather for token ids); the time loop keeps only the recurrence;
   dW_ih, dW_hh are one product each after the backward loop.
-- Two cores (or more): batch rows are independent in the recurrence, so they
-  are split into chunks (``_forward_chunks``/``_backward_chunks``, prange)
-  that each run the whole time loop on their own core with no per-step
-  synchronisation. The one-off products (projection, weight gradients as
-  partial sums, input gradient, read-out) are split too (``_pmm*``). BLAS is
-  pinned to one thread during kernel calls (``_BlasThreads``) so its thread
-  pool and numba's do not oversubscribe the cores; at B = 1 nothing is split
-  and BLAS keeps its threads.
-- The per-step recurrent product is a register-blocked loop (4 rows share
-  each row of W_hh; no transpose) up to SMALL_MACS on one chunk and always
-  inside chunks (CHUNK_MACS), BLAS beyond.
+- Two cores (or more): batch rows are independent in the recurrence, so
+  they are split into chunks (``_forward_chunks``/``_backward_chunks``,
+  prange) that each run the whole time loop on one core with no per-step
+  synchronisation. The chunks are a fixed partition of the batch
+  (``chunk_rows``: it depends on B only), so results are bitwise the same
+  for any thread count. The one-off products (projection, weight and input
+  gradients, read-out) split the rows of their result over the cores
+  (``_pgemm``, ``_pgemm_nt``, ``_wgrad_nt``), which gives the same bits for
+  any split.
+- No external BLAS: every product is fastrnn's own loops (``_addmm_nt``: dot
+  products, 4 rows of A by 2 rows of W in registers; ``_gemm_nn``/
+  ``_gemm_tn``: axpy form for short sums) or MKL at one thread set
+  thread-locally. SciPy's OpenBLAS, which numba's np.dot calls, keeps its
+  thread count in process-wide state (pinning it per call was not
+  thread-safe) and its results change with that count; it is never called,
+  and the user's OPENBLAS_NUM_THREADS changes nothing here.
+- A measured plan per machine (``choose``, backends/_plan.py) picks, per
+  shape class, MKL or the loops for the per-step products and all of
+  numba's threads or one (numba.set_num_threads is per calling thread);
+  FASTRNN_PLAN=off keeps the loops on all threads.
 - Optional Intel MKL (the `mkl` extra, backends/_mkl.py; FASTRNN_MKL=0
-  turns it off, =1 requires it): inside chunks, the per-step products call
-  cblas_?gemm (or the packed API, MKL_PACKED) where it measured faster than
-  the loops (``mkl_paths``: chunks of >= 8 rows). The kernels get MKL's
-  function addresses as int64 numbers in cfg and call them through
-  intrinsics, so numba's on-disk cache keeps working; each chunk sets MKL
-  to one thread for its own thread.
+  turns it off, =1 requires it): the per-step products call cblas_?gemm (or
+  the packed API, MKL_PACKED) where the plan measured it faster. The
+  kernels get MKL's function addresses as int64 numbers in cfg and call
+  them through intrinsics, so numba's on-disk cache keeps working; each
+  chunk sets MKL to one thread for its own thread.
 - Derivatives come from saved outputs (tanh' = 1 - h^2, sigmoid' = s(1-s)).
 - Float32 activations run once per step over whole blocks with a vectorised
   exp-based form (``_act_block``, ``_expm1_f32_row``) within a few float32
@@ -89,7 +97,7 @@ if _MKL_OFF or _MKL_ENV_BAD:
 else:
     _ok, _MKL_WHY = _mkl.status()
     _MKL = _mkl.load() if _ok else None
-# "mkl" or "default" (register-blocked loops and OpenBLAS); set_gemm changes it
+# "mkl" or "default" (the built-in loops only); set_gemm changes it
 _GEMM = "mkl" if _MKL is not None else "default"
 # With the engine "mkl", the plan (choose, backends/_plan.py) times the
 # per-step products on the loops and on MKL (forward, backward, both) for
@@ -107,7 +115,7 @@ MKL_FORCE = None
 
 def set_gemm(engine):
     """Choose the engine of the per-step products for this process: "mkl"
-    or "default" (built-in loops, OpenBLAS); returns the previous one.
+    or "default" (built-in loops); returns the previous one.
     "mkl" raises RuntimeError when MKL is not usable."""
     global _GEMM
     if engine not in ("mkl", "default"):
