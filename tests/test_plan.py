@@ -91,23 +91,23 @@ def test_new_shape_is_measured_once_and_saved(plan_dir, monkeypatch):
     monkeypatch.setattr(nb, "plan_candidates", lambda: [0])
     monkeypatch.setattr(nb, "_num_threads", lambda: 2)
     spec = _spec()
-    choice = nb.choose(spec, np.float32, 16, False)
+    choice = nb.choose(spec, np.float32, 16, False, 10)
     assert choice[0] == 0 and isinstance(choice[1], bool)
-    assert nb.choose(spec, np.float32, 16, False) == choice
+    assert nb.choose(spec, np.float32, 16, False, 10) == choice
     assert len(calls) == 1
     files = list(plan_dir.glob("fastrnn-plan-*.json"))
     assert len(files) == 1
     data = json.loads(files[0].read_text())
-    key = nb.shape_class(spec, np.float32, 16, False)
+    key = nb.shape_class(spec, np.float32, 16, False, 10)
     assert data["entries"][key]["serial"] == {"2": choice[1]}
     assert data["key"] == _plan.machine_key(nb._plan_version())
     # a new process (the plan reloaded from disk) does not measure again
     _plan.reset()
-    assert nb.choose(spec, np.float32, 16, False) == choice
+    assert nb.choose(spec, np.float32, 16, False, 10) == choice
     assert len(calls) == 1
     # another thread count: only serial-or-not is measured, MKL choice kept
     monkeypatch.setattr(nb, "_num_threads", lambda: 4)
-    nb.choose(spec, np.float32, 16, False)
+    nb.choose(spec, np.float32, 16, False, 10)
     assert len(calls) == 2
     data = json.loads(files[0].read_text())
     assert set(data["entries"][key]["serial"]) == {"2", "4"}
@@ -119,7 +119,7 @@ def test_plan_time_is_bounded(plan_dir):
     spec = _spec(H=64)
     nb.time_strategy(spec, np.float32, 16, False, 0, False, T=1, reps=0)
     t = time.perf_counter()
-    nb.measure(spec, np.float32, 16, False, nb.plan_candidates(), 2)
+    nb.measure(spec, np.float32, 16, False, nb.plan_candidates(), 2, T=128)
     assert time.perf_counter() - t < 1.5   # budget 0.8 s + one last timing
 
 
@@ -168,15 +168,15 @@ def test_bad_entry_is_measured_again(plan_dir, monkeypatch):
     monkeypatch.setattr(nb, "_num_threads", lambda: 2)
     spec = _spec()
     plan = _plan.get_plan(nb._plan_version())
-    plan.put(nb.shape_class(spec, np.float64, 8, False),
+    plan.put(nb.shape_class(spec, np.float64, 8, False, 10),
              {"mkl": 3, "serial": {"2": True}})
-    assert nb.choose(spec, np.float64, 8, False)[0] == 0
+    assert nb.choose(spec, np.float64, 8, False, 10)[0] == 0
 
 
 def test_plan_off_uses_default_and_writes_nothing(plan_dir, monkeypatch):
     monkeypatch.setenv("FASTRNN_PLAN", "off")
     monkeypatch.setattr(nb, "_num_threads", lambda: 2)
-    assert nb.choose(_spec(), np.float32, 16, False) == (0, False)
+    assert nb.choose(_spec(), np.float32, 16, False, 10) == (0, False)
     assert list(plan_dir.iterdir()) == []
     assert "FASTRNN_PLAN=off" in nb.plan_where()
 

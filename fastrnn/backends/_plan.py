@@ -1,8 +1,8 @@
 """Measured plans of the numba backend: which strategy runs a shape fastest
 on this machine, timed the first time the shape is used and kept on disk.
 
-A shape class is (cell, dtype, B, H, I, layers, directions, token ids); T
-and the read-out only scale the work. For each class the backend times its
+A shape class is (cell, dtype, B, H, I, layers, directions, token ids, T
+rounded up to a power of 2); the read-out only scales the work. For each class the backend times its
 strategies (numba_cpu._plan_candidates: the per-step products on its own
 loops or on MKL when installed, the batch chunks run on all of numba's
 threads or on one) on a short synthetic training step and keeps the fastest
@@ -176,6 +176,7 @@ def add_tune_parser(sub, formatter_class=None):
     t.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
     t.add_argument("--hiddens", default="32,128,512", help="comma-separated hidden sizes")
     t.add_argument("--input-size", type=int, default=32)
+    t.add_argument("--steps", type=int, default=100, help="sequence length T")
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     t.add_argument("--replan", action="store_true",
                    help="measure again the shapes the plan already holds")
@@ -202,15 +203,16 @@ def cmd_tune(args):
                          f"lstm, got {args.cells!r}")
     batches = _ints(args.batches, "batches")
     hiddens = _ints(args.hiddens, "hiddens")
-    if args.input_size < 1:
-        raise SystemExit("fastrnn tune: error: --input-size: expected >= 1")
+    if args.input_size < 1 or args.steps < 1:
+        raise SystemExit("fastrnn tune: error: --input-size and --steps: "
+                         "expected >= 1")
     if not enabled():
         print("FASTRNN_PLAN is off: the numba backend uses its fixed default "
               "(built-in loops, all threads); nothing to plan.")
         return 0
     from . import numba_cpu as nb
     rows = nb.tune(cells, batches, hiddens, args.input_size, args.dtype,
-                   replan=args.replan)
+                   replan=args.replan, T=args.steps)
     print(f"plan: {get_plan(nb._plan_version()).path}")
     print(f"{'cell':5s} {'B':>4s} {'H':>5s}  {'per-step products':22s} "
           f"{'threads':8s} {'ms (T=' + str(nb.PLAN_T) + ')':>12s}")

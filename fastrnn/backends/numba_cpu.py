@@ -830,12 +830,19 @@ def _colsum(A, out):
 
 @njit(cache=True)
 def _transpose_into(W, dst):
-    """dst[:K*N].reshape(K, N) = W.T for W (N, K); returns the view."""
+    """dst[:K*N].reshape(K, N) = W.T for W (N, K); returns the view. In
+    32 x 32 tiles, so that reads and writes both stay in L1 (W_hh of an
+    LSTM at H = 512, 1M elements: an element-wise transpose took ms)."""
     N, K = W.shape
     out = dst[:K * N].reshape((K, N))
-    for n in range(N):
-        for k in range(K):
-            out[k, n] = W[n, k]
+    for n0 in range(0, N, 32):
+        n1 = min(N, n0 + 32)
+        for k0 in range(0, K, 32):
+            k1 = min(K, k0 + 32)
+            for k in range(k0, k1):
+                o = out[k]
+                for n in range(n0, n1):
+                    o[n] = W[n, k]
     return out
 
 
@@ -1672,7 +1679,7 @@ def _prepare(c, spec, flat, T, B, tok):
            _GEMM, MKL_PACKED, MKL_FORCE, WS_ALIGN, _plan.enabled())
     if c.key == key:
         return
-    flags, c.serial = choose(spec, flat.dtype, B, tok)
+    flags, c.serial = choose(spec, flat.dtype, B, tok, T)
     c.cfg, n = _make_cfg(spec, flat.dtype, T, B, tok, flags)
     c.ws = _aligned_zeros(n, flat.dtype, WS_ALIGN)
     c.grad = np.zeros_like(flat)
@@ -1705,7 +1712,8 @@ class _Threads:
 # ============================================================================
 # the measured plan (backends/_plan.py)
 # ============================================================================
-PLAN_T = 8             # time steps of the synthetic step a plan times
+PLAN_T = 8             # time steps of the first, short synthetic step
+PLAN_STEP_S = 0.04     # longer steps (up to the shape's T) while this fast
 PLAN_BUDGET_S = 0.8    # planning one shape stops measuring after this long
 # another strategy replaces the default (loops, all threads) only when it
 # measured at least this much faster (timing noise must not flip choices)
@@ -1717,11 +1725,19 @@ def _num_threads():
     return numba.get_num_threads()
 
 
-def shape_class(spec, dtype, B, tok):
-    """The plan's key of a shape (T and the read-out only scale the work)."""
+def t_class(T):
+    """T rounded up to a power of 2: the plan's classes of sequence length
+    (T sets the size of the one-off products, so whether splitting them
+    over cores pays)."""
+    return 1 << max(0, int(T) - 1).bit_length()
+
+
+def shape_class(spec, dtype, B, tok, T):
+    """The plan's key of a shape (the read-out only scales the work)."""
     cell = "lstm" if spec.mode == "lstm" else "rnn"
     return (f"{cell}/{np.dtype(dtype).name}/B={B}/H={spec.H}/I={spec.I}/"
-            f"L={spec.L}/D={spec.D}/{'tok' if tok else 'x'}/gemm={_GEMM}")
+            f"L={spec.L}/D={spec.D}/T~{t_class(T)}/{'tok' if tok else 'x'}/"
+            f"gemm={_GEMM}")
 
 
 def plan_candidates():
@@ -1737,7 +1753,7 @@ def _plan_version():
     return _MKL.describe() if _MKL is not None else ""
 
 
-def choose(spec, dtype, B, tok):
+def choose(spec, dtype, B, tok, T):
     """(MK_* flags, serial) for this shape: MKL_FORCE; the fixed default
     (loops, all threads) when FASTRNN_PLAN=off or there is nothing to
     choose; else the plan, measured now if this shape class is new."""
@@ -1748,19 +1764,20 @@ def choose(spec, dtype, B, tok):
     if not _plan.enabled() or (len(mks) == 1 and nth == 1):
         return 0, False
     plan = _plan.get_plan(_plan_version())
-    key = shape_class(spec, dtype, B, tok)
+    key = shape_class(spec, dtype, B, tok, T)
     e = plan.get(key)
     ok = (e is not None and e.get("mkl") in mks
           and isinstance(e.get("serial"), dict)
           and isinstance(e["serial"].get(str(nth)), bool))
     if not ok:
         e = measure(spec, dtype, B, tok, mks, nth,
-                    e if e is not None and e.get("mkl") in mks else None)
+                    e if e is not None and e.get("mkl") in mks else None,
+                    T=t_class(T))
         plan.put(key, e)
     return int(e["mkl"]), bool(e["serial"][str(nth)])
 
 
-def tune(cells, batches, hiddens, I=32, dtype="float32", replan=False):
+def tune(cells, batches, hiddens, I=32, dtype="float32", replan=False, T=100):
     """Plan (and compile for) each (cell, B, H) of the grid now; returns one
     row per shape: the choice and the synthetic step's time."""
     from .._spec import make_spec
@@ -1774,10 +1791,10 @@ def tune(cells, batches, hiddens, I=32, dtype="float32", replan=False):
                 spec = make_spec("lstm" if cell == "lstm" else "tanh", I, H,
                                  O=10)
                 if replan and plan is not None:
-                    key = shape_class(spec, dtype, B, False)
+                    key = shape_class(spec, dtype, B, False, T)
                     if plan.get(key) is not None:
                         plan.entries.pop(key, None)
-                mk, serial = choose(spec, dtype, B, False)
+                mk, serial = choose(spec, dtype, B, False, T)
                 names = [n for f, n in ((MK_FWD, "fwd"), (MK_BWD, "bwd"))
                          if mk & f]
                 rows.append(dict(
@@ -1836,14 +1853,17 @@ def time_strategy(spec, dtype, B, tok, flags, serial, T=PLAN_T, reps=3,
     return best
 
 
-def measure(spec, dtype, B, tok, mks, nth, known=None):
+def measure(spec, dtype, B, tok, mks, nth, known=None, T=PLAN_T):
     """Time the candidates of one shape class: the MK_* flags (unless
     `known` has them) on all threads, then serial or not with that choice;
     within PLAN_BUDGET_S (after a first call that compiles the kernels if
-    needed). Returns the plan entry."""
+    needed), on synthetic steps of up to T steps (as long as one stays
+    under PLAN_STEP_S). Returns the plan entry."""
     import time
     time_strategy(spec, dtype, B, tok, 0, False, T=1, reps=0)
     t0 = time.perf_counter()
+    short = time_strategy(spec, dtype, B, tok, 0, False, T=PLAN_T, reps=1)
+    Tp = int(min(max(T, 1), max(PLAN_T, PLAN_T * PLAN_STEP_S / max(short, 1e-9))))
     times = {}
     if known is not None:
         best_mk = known["mkl"]
@@ -1853,18 +1873,18 @@ def measure(spec, dtype, B, tok, mks, nth, known=None):
             left = PLAN_BUDGET_S - (time.perf_counter() - t0)
             if times and left <= 0:
                 break
-            times[mk] = time_strategy(spec, dtype, B, tok, mk, False,
+            times[mk] = time_strategy(spec, dtype, B, tok, mk, False, T=Tp,
                                       budget=left / max(1, len(mks) - len(times)))
         best_mk = min(times, key=times.get)
         if times[best_mk] > PLAN_MARGIN * times[0]:
             best_mk = 0
-        entry = {"mkl": best_mk, "serial": {},
+        entry = {"mkl": best_mk, "serial": {}, "T": Tp,
                  "ms": {str(k): round(v * 1e3, 4) for k, v in times.items()}}
     serial = False
     if nth > 1 and time.perf_counter() - t0 < PLAN_BUDGET_S:
         par = times.get(best_mk) or time_strategy(spec, dtype, B, tok, best_mk,
-                                                  False)
-        one = time_strategy(spec, dtype, B, tok, best_mk, True)
+                                                  False, T=Tp)
+        one = time_strategy(spec, dtype, B, tok, best_mk, True, T=Tp)
         serial = one < PLAN_MARGIN * par
     entry["serial"][str(nth)] = serial
     return entry
