@@ -3,7 +3,7 @@ on this machine, timed the first time the shape is used and kept on disk.
 
 A shape class is (cell, dtype, B, H, I, layers, directions, token ids, T
 rounded up to a power of 2); the read-out only scales the work. For each class the backend times its
-strategies (numba_cpu._plan_candidates: the per-step products on its own
+strategies (numba_cpu.plan_candidates: the per-step products on its own
 loops or on MKL when installed, the batch chunks run on all of numba's
 threads or on one) on a short synthetic training step and keeps the fastest
 (like FFTW's wisdom or cuDNN's benchmark mode). Every strategy computes the
