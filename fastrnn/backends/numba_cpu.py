@@ -1370,10 +1370,14 @@ def _ce_block_fast(Z, yi, lengths, B, inv_b, dZ, ES, ibuf):
                 acc += d[o]
             y = yi[min(r, yi.shape[0] - 1)]
             loss += mrow[r] + math.log(acc) - np.float64(Z[r, y])
-            sc = inv_b / acc
+            # (softmax - onehot) first, then / B: with one class the
+            # gradient is exactly 0, as in the reference
+            sc = 1.0 / acc
             for o in range(O):
                 d[o] = d[o] * sc
-            d[y] -= inv_b
+            d[y] -= 1
+            for o in range(O):
+                d[o] = d[o] * inv_b
         else:
             for o in range(O):
                 d[o] = 0
