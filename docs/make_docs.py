@@ -222,7 +222,8 @@ def make_blocks(run, cfg, mode, text_file):
     pictures["compare_adding_T100.png"] = "runs/compare/compare.png"
     with open(os.path.join(run.work, "runs/compare/compare.json")) as f:
         cmp_runs = json.load(f)["runs"]
-    rows = ["| model | solved | largest grad norm | steps clipped | gradient at t=1 / t=T, start | at the end |",
+    rows = ["| model | solved | largest grad norm | steps clipped "
+            "| gradient at t=1 / t=T, start | at the end |",
             "|---|---|---:|---:|---:|---:|"]
     for r in cmp_runs:
         flows = run.flows(os.path.join("runs/compare", r["name"]))
@@ -244,8 +245,8 @@ def make_blocks(run, cfg, mode, text_file):
         d = f"runs/{name}"
         run("train", *opts, "--out", d)
         s = run.summary(d)
-        rows.append(f"| `fastrnn train {' '.join(opts)}` | "
-                    f"{s['solved_at'] if s['solved'] else 'not solved (' + str(s['steps']) + ')'} | "
+        solved = s["solved_at"] if s["solved"] else f"not solved ({s['steps']})"
+        rows.append(f"| `fastrnn train {' '.join(opts)}` | {solved} | "
                     f"{s['test_metric']:.4f} | {s['seconds']:.1f} s |")
     b["tasks"] = "\n".join(rows) + "\n"
 

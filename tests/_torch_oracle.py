@@ -201,7 +201,7 @@ class TorchModel:
             assert lengths is None
             params = dict(self.core.named_parameters())
             return unrolled(params, xt, self.num_layers, self.mode,
-                             self.bidirectional, hx=hxt, **kw)
+                            self.bidirectional, hx=hxt, **kw)
         if lengths is None:
             return self.core(xt, hxt)
         packed = pack_padded_sequence(xt, torch.as_tensor(lengths),

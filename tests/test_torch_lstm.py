@@ -341,7 +341,7 @@ def _lstm_model(backend, I, H, O, num_layers=1, bias=True,
                    dtype=F64, seed=seed, backend=backend)
     model = fr.SequenceModel(core, O, loss=loss, readout=readout)
     tmodel = TorchModel(model.state_dict(), I, H, O, num_layers, "lstm",
-                         bias, bidirectional, loss, readout)
+                        bias, bidirectional, loss, readout)
     return model, tmodel
 
 
@@ -436,7 +436,7 @@ def test_lstm_state_clip_clamps_h_grad_not_c_grad(backend, num_layers,
             sd[k][3 * H:] += 3.0
     model.load_state_dict(sd)
     tmodel = TorchModel(sd, I, H, O, num_layers, "lstm", True,
-                         bidirectional, "cross_entropy", "all")
+                        bidirectional, "cross_entropy", "all")
     params = tmodel.parameters()
     step = fr.TrainStep(model, fr.SGD(lr), state_clip=c)
     t_opt = torch.optim.SGD(params, lr=lr)
@@ -555,7 +555,7 @@ def test_gradient_flow_matches_torch(backend, mode, num_layers,
     model = fr.SequenceModel(core, O, loss=loss, readout=readout)
     sd0 = model.state_dict()
     tmodel = TorchModel(sd0, I, H, O, num_layers, mode, True, bidirectional,
-                         loss, readout)
+                        loss, readout)
     (x,), (y,) = _make_data(rng, T, B, I, O, loss, readout, 1)
     sshape = (D * num_layers, B, H)
     hx = None

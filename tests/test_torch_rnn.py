@@ -285,7 +285,7 @@ def _train_and_compare(backend, *, opt_spec, clip=None, loss="cross_entropy",
                   backend=backend)
     model = fr.SequenceModel(core, O, loss=loss, readout=readout)
     tmodel = TorchModel(model.state_dict(), I, H, O, num_layers,
-                         nonlinearity, bias, bidirectional, loss, readout)
+                        nonlinearity, bias, bidirectional, loss, readout)
     train_and_compare(
         model, tmodel, np.random.default_rng(seed), opt_spec=opt_spec,
         clip=clip, loss=loss, readout=readout, lengths=lengths,
@@ -356,7 +356,7 @@ def test_train_step_state_clip_matches_clamped_torch_bptt(
                   dtype=F64, seed=3, backend=backend)
     model = fr.SequenceModel(core, O, loss="cross_entropy", readout="all")
     tmodel = TorchModel(model.state_dict(), I, H, O, 1, nonlinearity, True,
-                         bidirectional, "cross_entropy", "all")
+                        bidirectional, "cross_entropy", "all")
     params = tmodel.parameters()
     step = fr.TrainStep(model, fr.SGD(lr), state_clip=c)
     t_opt = torch.optim.SGD(params, lr=lr)
@@ -389,7 +389,7 @@ def test_train_step_truncated_bptt_carries_hx(backend, num_layers,
                   backend=backend)
     model = fr.SequenceModel(core, O, loss="cross_entropy", readout="all")
     tmodel = TorchModel(model.state_dict(), I, H, O, num_layers,
-                         nonlinearity, True, False, "cross_entropy", "all")
+                        nonlinearity, True, False, "cross_entropy", "all")
     params = tmodel.parameters()
     step = fr.TrainStep(model, fr.SGD(0.2, momentum=0.9))
     t_opt = torch.optim.SGD(params, lr=0.2, momentum=0.9)
