@@ -331,7 +331,7 @@ def main(argv=None):
                 "give --doc (or --force)")
     with open(doc) as f:
         page = f.read()
-    work = a.work or tempfile.mkdtemp(prefix="make_docs-")
+    work = os.path.abspath(a.work or tempfile.mkdtemp(prefix="make_docs-"))
     os.makedirs(work, exist_ok=True)
     try:
         text = os.path.join(work, "licenses.txt")
