@@ -1245,30 +1245,10 @@ def _bench_case(cell, T, B, I, H, seconds, names, use_torch):
 def _bench_torch(cell, x, y, params, I, H, seconds):
     """The same step in PyTorch: nn.RNN/nn.LSTM + nn.Linear + summed
     cross-entropy / B + clip_grad_norm_ + Adam, from the same parameters."""
-    import torch
-    T, B, _ = x.shape
-    core = (torch.nn.LSTM(I, H) if cell == "lstm" else torch.nn.RNN(I, H))
-    lin = torch.nn.Linear(H, I)
-    with torch.no_grad():
-        for k, p in core.named_parameters():
-            p.copy_(torch.from_numpy(params[k]))
-        lin.weight.copy_(torch.from_numpy(params["weight_out"]))
-        lin.bias.copy_(torch.from_numpy(params["bias_out"]))
-    ps = list(core.parameters()) + list(lin.parameters())
-    opt = torch.optim.Adam(ps, lr=1e-3)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y).reshape(-1)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        out, _ = core(xt)
-        z = lin(out).reshape(T * B, I)
-        loss = torch.nn.functional.cross_entropy(z, yt, reduction="sum") / B
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ps, 1.0)
-        opt.step()
-        return loss.detach().item()
-
-    return _time(step, seconds)
+    from ._torch_ref import TorchTrainStep
+    step = TorchTrainStep(cell, I, H, I, params, optimizer="adam", lr=1e-3, clip_norm=1.0)
+    xt, yt = step.tensors(x, y)
+    return _time(lambda: step(xt, yt), seconds)
 
 
 def _ms(v):
