@@ -1,4 +1,4 @@
-"""The ``fastrnn`` command line (also ``python -m fastrnn``).
+"""The fastrnn command line (also: python -m fastrnn).
 
   fastrnn train      train one model on a task; with no options: an LSTM with
                      gradient norm clipping on the adding problem, T=100
@@ -9,6 +9,7 @@
                      PyTorch (when installed)
   fastrnn backends   which backends are available, and why not
   fastrnn plot       (re)draw the picture of a run directory
+  fastrnn tune       plan the numba backend's kernels for this machine
 """
 import argparse
 import errno
@@ -19,6 +20,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -28,6 +30,7 @@ from . import tasks as _tasks
 from .checkpoint import RUN_CHECKPOINT
 
 CHECKPOINT = RUN_CHECKPOINT
+COMPILE_NOTICE_S = 2.0   # the first calls taking longer: say that kernels compile
 METRICS = "metrics.jsonl"
 PICTURE = "training.png"
 
@@ -646,8 +649,19 @@ def _train_loop(cfg, out, task, model, ts, checkpoint, test, flow_batch, state,
             raise
         state["saved"] = True
 
-    if start == 0:
-        gradient_flow_record(metrics, model, *flow_batch, 0)
+    # the first compiled calls of a process compile the kernels (first run
+    # after install: about a minute) or load them from Numba's cache
+    t_warm = time.perf_counter()
+    notice = threading.Timer(COMPILE_NOTICE_S, say,
+                             ["compiling kernels (one time, about a minute) ..."])
+    notice.daemon = True
+    notice.start()
+    try:
+        if start == 0:
+            gradient_flow_record(metrics, model, *flow_batch, 0)
+    except BaseException:
+        notice.cancel()
+        raise
     desc = title or task.name
     bar = make_progress(progress, steps, start, desc, stream)
     t0 = time.perf_counter()
@@ -667,6 +681,12 @@ def _train_loop(cfg, out, task, model, ts, checkpoint, test, flow_batch, state,
             if par is not None:
                 x, y = par.local_batch(task, x, y)
             r = ts(x, y, hx=None if reset else carry)
+            if notice is not None:    # training time starts after the first step
+                notice.cancel()
+                notice = None
+                now = time.perf_counter()
+                warm_s = now - t_warm
+                sec0 -= now - t0
             i += 1
             state["i"] = i
             if task.stateful:
@@ -741,6 +761,8 @@ def _train_loop(cfg, out, task, model, ts, checkpoint, test, flow_batch, state,
                 counters["seconds"] = sec0 + time.perf_counter() - t0
                 save(i)
     finally:
+        if notice is not None:
+            notice.cancel()
         _restore_sigint(old_handler)
         bar.close()
     metrics.writelines(lines)
@@ -757,10 +779,13 @@ def _train_loop(cfg, out, task, model, ts, checkpoint, test, flow_batch, state,
     save(i)
     metrics.close()
     seconds = counters["seconds"]
+    if notice is not None:      # no step ran in this process
+        warm_s = 0.0
     summary = dict(task=task.name, T=cfg["T"], cell=cfg["cell"],
                    nonlinearity=cfg["nonlinearity"] if cfg["cell"] == "rnn" else None,
                    init=cfg["init"], hidden=cfg["hidden"], steps=i,
                    seconds=round(seconds, 2), steps_per_s=round(i / max(seconds, 1e-9), 1),
+                   startup_seconds=round(warm_s, 2),
                    metric_name=task.metric_name, test_metric=metric,
                    baseline=task.baseline, threshold=task.threshold,
                    solved=task.solved(metric), solved_at=counters["solved_at"],
@@ -806,7 +831,9 @@ def print_summary(s, say):
     if s["threshold"] is not None:
         crit.append(f"solved below {s['threshold']:g}")
     m = s["test_metric"]
-    say(f"done: {s['steps']} steps in {s['seconds']:.1f} s ({s['steps_per_s']:.0f} steps/s)")
+    say(f"done: {s['steps']} steps in {s['seconds']:.1f} s of training "
+        f"({s['steps_per_s']:.0f} steps/s), after {s['startup_seconds']:.1f} s of "
+        "compiling or loading the kernels (the first calls)")
     say(f"{s['metric_name']} {m:.5g}" + (f" ({', '.join(crit)})" if crit else "")
         + (f": {verdict}" if verdict else "")
         + (f" at step {s['solved_at']}" if s["solved"] and s["solved_at"] else ""))
