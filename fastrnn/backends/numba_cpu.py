@@ -1588,19 +1588,7 @@ def train_step_kernel(cfg, fcfg, flat, grad, opt_state, batch, ws, state_n,
 def flow_kernel(cfg, flat, grad, batch, ws, state_n, flow):
     """Forward, loss and BPTT; flow (T,) receives the norm of dL/dh_t of the
     top layer per step."""
-    x, tok, lengths, state0, yi, yf = batch
-    T, B = cfg[C_T], cfg[C_B]
-    top = core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n)
-    readout_forward_kernel(cfg, flat, lengths, top, ws)
-    sz = _sections_of(cfg)
-    DH = cfg[C_D] * cfg[C_H]
-    dtop = _section(ws, sz, 6)[:T * B * DH].reshape((T, B, DH))
-    loss = loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf, grad,
-                                dtop)
-    dstate = np.zeros_like(state_n)
-    core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate, grad,
-                         x[:0], dstate, flow, 0.0, dtop[:0])
-    return loss
+    return _loss_grad(cfg, flat, grad, batch, ws, state_n, flow, 0.0)
 
 
 # ============================================================================
@@ -2034,6 +2022,14 @@ def grad_kernel(cfg, fcfg, flat, grad, batch, ws, state_n):
     """train_step_kernel up to the gradient: forward over time, loss and
     BPTT into grad; returns the loss. batch = (x, tok, lengths, state0, yi,
     yf)."""
+    flow = np.empty(cfg[C_T], dtype=np.float64)
+    return _loss_grad(cfg, flat, grad, batch, ws, state_n, flow, fcfg[F_SCLIP])
+
+
+@njit(cache=True)
+def _loss_grad(cfg, flat, grad, batch, ws, state_n, flow, sclip):
+    """Forward over time, read-out, loss and BPTT into grad (flow (T,): the
+    norm of dL/dh_t of the top layer per step); returns the loss."""
     x, tok, lengths, state0, yi, yf = batch
     T, B = cfg[C_T], cfg[C_B]
     top = core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n)
@@ -2044,10 +2040,9 @@ def grad_kernel(cfg, fcfg, flat, grad, batch, ws, state_n):
     loss = loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf, grad,
                                 dtop)
     dstate = np.zeros_like(state_n)
-    # no input gradient (x[:0]) and no outside dL/dc_t (dtop[:0]) in training
+    # no input gradient (x[:0]) and no outside dL/dc_t (dtop[:0])
     core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate, grad,
-                         x[:0], dstate, np.empty(T, dtype=np.float64),
-                         fcfg[F_SCLIP], dtop[:0])
+                         x[:0], dstate, flow, sclip, dtop[:0])
     return loss
 
 
