@@ -209,7 +209,10 @@ def _section(ws, sizes, j):
 
 
 def workspace_size(T, B, I, H, L, D, G, O, lstm, tok, npack=0):
-    s = _sections(T, B, I, H, L, D, G, O, lstm, tok, npack)
+    # _sections as plain Python: calling the compiled one here would load
+    # (and type) a second entry point from numba's cache at start-up
+    s = _sections.py_func(int(T), int(B), int(I), int(H), int(L), int(D),
+                          int(G), int(O), int(lstm), int(tok), int(npack))
     return int(((s + 15) // 16 * 16).sum())
 
 
