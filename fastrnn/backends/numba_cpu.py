@@ -36,9 +36,14 @@ Design (see DESIGN.md):
   LSTM_TILE hidden units, the 4 gate blocks of the per-step product, their
   activations and the cell/h update while the tile is in L1 (W_hh's rows
   regrouped per tile once per call, ``_tile_order``). Measured on an AMD
-  EPYC (Zen 5, AVX-512; the products compile to zmm FMAs) it is 0.84-0.99x
-  the unfused recurrence (the tile's gather/scatter of the gate rows costs
-  what the L1 residency saves), so the plan keeps it as a candidate only.
+  EPYC (Zen 5, AVX-512; the products compile to zmm FMAs; benchmarks/
+  lstm_fused.py) the whole training step is 0.84-0.97x the unfused one in
+  float32 and 0.87-0.99x in float64: with a 1 MB L2 the unfused passes are
+  cheap, and the tile's gather/scatter of the gate rows costs what the L1
+  residency saves (a variant without the copies, products and activations
+  in place on GATES per gate block, measured 0.76-0.93x: 4 products of
+  LSTM_TILE columns and 5 activation calls per row and tile). So the plan
+  keeps it as a candidate for machines where it pays; it is not the default.
 - Optional Intel MKL (the `mkl` extra, backends/_mkl.py; FASTRNN_MKL=0
   turns it off, =1 requires it): the per-step products call cblas_?gemm (or
   the packed API, MKL_PACKED) where the plan measured it faster. The
@@ -966,8 +971,8 @@ def _rnn_back_recur(mode, rev, lengths, W_hh, HX, dlout, col, dh,
 # Hidden units per tile of the fused LSTM forward (_lstm_recur_tiled): the
 # tile's 4 * LSTM_TILE gate columns of a chunk's rows stay in L1 from the
 # product to the cell update, and its 4 * LSTM_TILE rows of W_hh in L2
-# while the chunk's row blocks pass over them.
-LSTM_TILE = 32
+# while the chunk's row blocks pass over them (32 and 64 measured alike).
+LSTM_TILE = 64
 
 
 @njit(cache=True)
