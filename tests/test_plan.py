@@ -19,9 +19,10 @@ except Exception as e:  # numba missing: nothing of this file applies
     pytest.skip(f"numba backend not importable: {e}", allow_module_level=True)
 
 MKL_OK = _mkl.status()[0]
-STRATEGIES = [(0, False), (0, True)]
+STRATEGIES = [(0, False), (0, True), (nb.MK_FUSED, False), (nb.MK_FUSED, True)]
 if MKL_OK:
-    STRATEGIES += [(f, s) for f in (nb.MK_FWD, nb.MK_BWD, nb.MK_FWD | nb.MK_BWD)
+    STRATEGIES += [(f, s) for f in (nb.MK_FWD, nb.MK_BWD, nb.MK_FWD | nb.MK_BWD,
+                                    nb.MK_FUSED | nb.MK_BWD)
                    for s in (False, True)]
 
 
@@ -43,16 +44,32 @@ def test_every_strategy_matches_reference(monkeypatch, flags, serial, mode, dtyp
     """Three Adam + ClipNorm steps with lengths and a carried state, 2 layers
     bidirectional, at B = 5 (chunks of 4 and 1 rows) and B = 1, on each
     strategy the plan can pick, against the NumPy reference."""
-    if flags:
+    if flags & nb.MK_MKL:
         monkeypatch.setattr(nb, "_GEMM", "mkl")
     monkeypatch.setattr(nb, "choose", lambda *a: (flags, serial))
-    T, I, H, O = 6, 3, 9, 4
+    _matches_reference(flags, serial, mode, dtype, H=9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_lstm_with_several_tiles(monkeypatch, dtype):
+    """The fused LSTM forward at H = 2 * LSTM_TILE + 6: two full tiles and
+    a narrower last one. SGD: at this H, Adam's first steps (m / sqrt(v) of
+    near-zero gradients) turn float32 rounding into 1e-3 relative changes
+    of single weights on the default recurrence as well."""
+    monkeypatch.setattr(nb, "choose", lambda *a: (nb.MK_FUSED, False))
+    _matches_reference(nb.MK_FUSED, False, "lstm", dtype,
+                       H=2 * nb.LSTM_TILE + 6, opt=lambda: fr.SGD(0.1))
+
+
+def _matches_reference(flags, serial, mode, dtype, H,
+                       opt=lambda: fr.Adam(0.02)):
+    T, I, O = 6, 3, 4
     for B, lengths in ((5, np.array([6, 2, 6, 1, 4])), (1, np.array([5]))):
         res = {}
         for backend in ("numpy", "numba"):
             core = make_layer(mode, I, H, 2, True, dtype, backend, seed=3)
             model = fr.SequenceModel(core, O)
-            step = fr.TrainStep(model, fr.Adam(0.02), clip=fr.ClipNorm(0.5))
+            step = fr.TrainStep(model, opt(), clip=fr.ClipNorm(0.5))
             rng = np.random.default_rng(B)
             hx, out = None, []
             for _ in range(3):
@@ -64,7 +81,8 @@ def test_every_strategy_matches_reference(monkeypatch, flags, serial, mode, dtyp
             res[backend] = (out, model.state_dict())
             if backend == "numba":
                 c = step._ctx["numba"]
-                assert int(c.cfg[nb.C_MKL]) == (flags if nb._GEMM == "mkl" else 0)
+                want = flags if nb._GEMM == "mkl" else flags & nb.MK_FUSED
+                assert int(c.cfg[nb.C_MKL]) == want
                 assert c.serial == serial
         (ra, pa), (rb, pb) = res["numpy"], res["numba"]
         for a, b in zip(ra, rb):

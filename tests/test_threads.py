@@ -5,7 +5,8 @@ process-wide BLAS state, also when two threads drive two models at once.
 Each thread-count case runs in a fresh process (numba fixes its thread pool
 at start-up); a few training steps at shapes where the batch is split into
 chunks (B = 16, 17: uneven) and the one-off products are split over cores
-(PAR_MACS forced to 0), RNN and LSTM, plan off and (with MKL) MKL forced."""
+(PAR_MACS forced to 0), RNN and LSTM, plan off, the fused LSTM forward
+forced and (with MKL) MKL forced."""
 import ctypes
 import glob
 import json
@@ -32,10 +33,12 @@ CHILD = textwrap.dedent("""
     import fastrnn as fr
     from fastrnn.backends import numba_cpu as nb
     nb.PAR_MACS = 0                       # every one-off product split
-    force = {force}
-    if force:
+    force = {force!r}
+    if force == "mkl":
         nb.set_gemm("mkl")
         nb.MKL_FORCE = nb.MK_FWD | nb.MK_BWD
+    elif force == "fused":
+        nb.MKL_FORCE = nb.MK_FUSED
     out = {{}}
     for cell, B, H, L, bidir in (("rnn", 16, 12, 1, False),
                                  ("lstm", 17, 8, 2, True),
@@ -75,9 +78,10 @@ def _run(force, **env_extra):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("force", [False, True], ids=["loops", "mkl"])
+@pytest.mark.parametrize("force", ["", "mkl", "fused"],
+                         ids=["loops", "mkl", "fused"])
 def test_bitwise_equal_for_any_thread_count(force):
-    if force and not _mkl.status()[0]:
+    if force == "mkl" and not _mkl.status()[0]:
         pytest.skip(f"MKL unavailable: {_mkl.status()[1]}")
     base = _run(force, NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     for env in ({"NUMBA_NUM_THREADS": "2"},
