@@ -2,20 +2,25 @@
 a grid of options, float64 (1e-9 relative) and float32 (1e-4)."""
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fastrnn as fr
 from conftest import assert_close
+from fastrnn import backends
 
-MODES = ["tanh", "relu", "sigmoid", "lstm"]
+MODES = ["tanh", "relu", "sigmoid", "lstm", "gru"]
 
 
 def _layer(mode, I, H, L, bidir, bias, dtype, backend, batch_first=False, seed=0):
+    if not backends.supports(backend, mode):
+        pytest.skip(f"backend {backend!r} does not implement the {mode} cell yet")
     kw = dict(num_layers=L, bias=bias, batch_first=batch_first, bidirectional=bidir,
               dtype=dtype, seed=seed, backend=backend)
     if mode == "lstm":
         return fr.LSTM(I, H, **kw)
+    if mode == "gru":
+        return fr.GRU(I, H, **kw)
     return fr.RNN(I, H, nonlinearity=mode, **kw)
 
 
@@ -81,6 +86,7 @@ def test_edge_shapes(fast_backend, mode, case):
        dtype=st.sampled_from([np.float64, np.float32]), seed=st.integers(0, 2**16))
 def test_layer_grid(fast_backend, mode, T, B, I, H, L, bidir, bias, tokens, batch_first,
                     use_lengths, dtype, seed):
+    assume(backends.supports(fast_backend, mode))
     lengths = np.random.default_rng(seed).integers(1, T + 1, B) if use_lengths else None
     _compare_layers(fast_backend, mode, T, B, I, H, L, bidir, bias, dtype, lengths,
                     tokens, batch_first, seed)
@@ -113,7 +119,7 @@ OPTS = [lambda: fr.SGD(0.1), lambda: fr.SGD(0.05, momentum=0.9), lambda: fr.Adam
 CLIPS = [lambda: None, lambda: fr.ClipNorm(0.3), lambda: fr.ClipValue(0.02)]
 
 
-@pytest.mark.parametrize("mode", ["tanh", "lstm"])
+@pytest.mark.parametrize("mode", ["tanh", "lstm", "gru"])
 @pytest.mark.parametrize("opt", range(len(OPTS)))
 @pytest.mark.parametrize("clip", range(len(CLIPS)))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -153,7 +159,7 @@ def test_train_options_match_reference(fast_backend, mode, loss, readout, tokens
     assert_close(zb, za, np.float64, "model outputs")
 
 
-@pytest.mark.parametrize("mode", ["tanh", "lstm"])
+@pytest.mark.parametrize("mode", ["tanh", "lstm", "gru"])
 def test_products_split_over_cores(fast_backend, mode, monkeypatch):
     """The numba backend splits the input projection, the weight gradients
     (partial sums), the input gradient of a bidirectional layer and the
