@@ -170,8 +170,7 @@ def available():
     return True, "numba imported; " + gemm
 
 
-# =====================================================================
-
+# ============================================================================
 # workspace
 # ============================================================================
 @njit(cache=True)
@@ -1761,7 +1760,8 @@ def apply_update(spec, flat, opt_state, step, grad, loss, *, opt, hyper, clip,
     r = u.res
     return dict(grad_norm=float(r[R_GNORM]), clipped=bool(r[R_CLIPPED]),
                 skipped=bool(r[R_SKIPPED]), grad=grad)
-=======
+
+
 def top_cells(spec, cache):
     """The top layer's cell states c_t of the LSTM forward that made `cache`:
     (T, B, D*H) laid out like `out`, zero at padding steps."""
