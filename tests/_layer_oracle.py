@@ -12,6 +12,8 @@ def make_layer(mode, I, H, L, bidir, dtype, backend, seed=0, bias=True):
               backend=backend, bias=bias)
     if mode == "lstm":
         return fr.LSTM(I, H, **kw)
+    if mode == "gru":
+        return fr.GRU(I, H, **kw)
     return fr.RNN(I, H, nonlinearity=mode, **kw)
 
 

@@ -32,8 +32,8 @@ from the layers as _validate.DeviceSeq (validated shape, read in place).
 
 The layers pick one by name; nothing outside this package knows how a kernel
 works. Not every backend has every cell yet: ``_LACKS`` lists the cell modes
-a backend does not implement (the GRU is in the NumPy reference and the C
-backend only, for now); asking such a backend for that cell raises
+a backend does not implement (the GRU is in the NumPy reference, the C
+and the CUDA backends, not yet in numba); asking such a backend for that cell raises
 RuntimeError, and "auto" resolves to the first backend that has it. Modules are imported lazily so that a missing optional dependency
 (numba, the C extension, numba-cuda) only disables its backend.
 """
@@ -44,7 +44,7 @@ _MODULES = {"numpy": ".reference", "numba": ".numba_cpu", "c": ".c",
             "cuda": ".cuda"}
 _cache = {}
 # cell modes a backend does not implement yet
-_LACKS = {"numba": ("gru",), "cuda": ("gru",)}
+_LACKS = {"numba": ("gru",)}
 
 
 def _load(name):
