@@ -354,11 +354,15 @@ def test_train_step(benchmark, request, cell, B, H, backend, gemm_engine):
     t1 = time.perf_counter() - t0
     if gemm_engine is not None:
         benchmark.extra_info["mkl_paths"] = _mkl_paths_used(fn)
+        # the plan's choice of threads for this shape (numba backend)
+        benchmark.extra_info["plan_serial"] = bool(fn._ctx["numba"].serial)
         try:
             import numba
             benchmark.extra_info["numba_threading_layer"] = numba.threading_layer()
         except ValueError:   # no parallel region has run in this process
             pass
+    benchmark.extra_info["OPENBLAS_NUM_THREADS"] = os.environ.get(
+        "OPENBLAS_NUM_THREADS", "unset")
     n = 1
     while n < WARMUP_MAX_CALLS and time.perf_counter() - t0 < WARMUP_S:
         t = time.perf_counter()

@@ -15,6 +15,7 @@
  */
 #include "fastrnn.h"
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -86,18 +87,22 @@ FR_INLINE float fr_exp_f32(float x)
 #define SFX(name) name##_f32
 #define FR_FAST_ACT 1
 #define FR_SQRT sqrtf
+#define FR_REAL_MAX FLT_MAX
 #include "kernels.inc"
 #undef REAL
 #undef SFX
 #undef FR_FAST_ACT
 #undef FR_SQRT
+#undef FR_REAL_MAX
 
 #define REAL double
 #define SFX(name) name##_f64
 #define FR_FAST_ACT 0
 #define FR_SQRT sqrt
+#define FR_REAL_MAX DBL_MAX
 #include "kernels.inc"
 #undef REAL
 #undef SFX
 #undef FR_FAST_ACT
 #undef FR_SQRT
+#undef FR_REAL_MAX

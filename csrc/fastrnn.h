@@ -122,8 +122,9 @@ void fr_bias_rows_f32(const fr_loss_args *q, const float *b, float *z);
 void fr_bias_rows_f64(const fr_loss_args *q, const double *b, double *z);
 
 /* Global norm, non-finite guard, clipping and update of P parameters;
- * m, v: optimizer moments (v used by Adam only). Nothing is written when the
- * loss or the norm is not finite (q->skipped = 1). */
+ * m, v: optimizer moments (v used by Adam only). Nothing is written to
+ * params, m or v (q->skipped = 1) when the loss or the norm is not finite,
+ * or when the update would make any parameter or moment non-finite. */
 void fr_update_f32(fr_update_args *q, int64_t P, float *params, float *grad, float *m, float *v);
 void fr_update_f64(fr_update_args *q, int64_t P, double *params, double *grad, double *m, double *v);
 

@@ -149,8 +149,12 @@ class DataParallel:
         st.model.core._cache = None
 
     def __call__(self, x, y, hx=None, lengths=None):
+        with self.step.model._lock:   # one thread at a time, as TrainStep
+            return self._call(x, y, hx, lengths)
+
+    def _call(self, x, y, hx, lengths):
         from ._validate import targets_arg
-        from .model import StepResult
+        from .model import StepResult, _nonfinite_error
         st = self.step
         m = st.model
         P = m._buf.size
@@ -190,12 +194,11 @@ class DataParallel:
                                ctx=st._ctx)
         if u["skipped"]:
             if st.on_nonfinite == "raise":
-                raise FloatingPointError(
-                    f"non-finite loss ({loss}) or gradient norm ({u['grad_norm']}) "
-                    "over the ranks' batches; parameters and optimizer state were "
-                    "left unchanged on every rank")
+                raise _nonfinite_error(st.optimizer, loss, u["grad_norm"],
+                                       " over the ranks' batches (on every rank)")
         else:
             st.steps += 1
         m.core._cache = None
-        return StepResult(loss=loss, grad_norm=u["grad_norm"], clipped=u["clipped"],
+        return StepResult(loss=loss, grad_norm=u["grad_norm"],
+                          clipped=bool(u["clipped"]) and not u["skipped"],
                           skipped=u["skipped"], hx=m.core._state_out(r["state_n"]))

@@ -1,5 +1,13 @@
 """Argument validation: every check raises ValueError/TypeError naming the
-argument, what was expected and what was received, before any kernel runs."""
+argument, what was expected and what was received, before any kernel runs.
+
+What comes back is what the backends may rely on: contiguous arrays of the
+model's dtype that are writable (a read-only input -- np.load(...,
+mmap_mode="r"), writeable=False -- is copied, never written) and, for a
+float sequence with padding, padding steps that hold no NaN or inf (padding
+carries nothing, so non-finite junk there is zeroed, in a copy).
+"""
+import math
 import numbers
 
 import numpy as np
@@ -33,6 +41,19 @@ def check_positive(name, v, allow_zero=False):
     if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
         cond = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name}: expected a finite number {cond}, got {v!r}")
+    return v
+
+
+def check_range(name, v, lo=0.0, hi=math.inf, hi_open=False):
+    """A real number in [lo, hi] ([lo, hi) with hi_open); NaN is refused,
+    infinities are accepted where the interval reaches them (PyTorch's
+    ranges for the optimizers and clips)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(v).__name__} {v!r}")
+    v = float(v)
+    if math.isnan(v) or v < lo or v > hi or (hi_open and v == hi):
+        top = f"{hi})" if hi_open else ("inf]" if hi == math.inf else f"{hi}]")
+        raise ValueError(f"{name}: expected a number in [{lo}, {top}, got {v!r}")
     return v
 
 
@@ -166,7 +187,31 @@ def sequence_input(x, input_size, dtype, batch_first, name="x", device=False):
         raise ValueError(f"{name}: expected non-empty T and B, got shape {x.shape}")
     if batch_first:
         x = x.swapaxes(0, 1)
-    return np.ascontiguousarray(x)
+    return _writable(np.ascontiguousarray(x))
+
+
+def _writable(a):
+    """a, or a copy of it when it is read-only: the backends may hand it to
+    compiled code that is typed for writable arrays, and never write it."""
+    return a if a.flags.writeable else a.copy()
+
+
+def sequence_args(x, lengths, input_size, dtype, batch_first, device=False):
+    """x validated as in sequence_input, and lengths as in lengths_arg.
+    Returns (xs, T, B, ln); NaN or inf at the padding steps of a float xs
+    is zeroed (in a copy), so that padding carries nothing, finite or not."""
+    xs = sequence_input(x, input_size, dtype, batch_first, device=device)
+    T, B = xs.shape[0], xs.shape[1]
+    ln = lengths_arg(lengths, T, B)
+    return _clean_padding(xs, ln), T, B, ln
+
+
+def _clean_padding(xs, ln):
+    if (isinstance(xs, DeviceSeq) or xs.dtype.kind != "f" or ln.min() >= xs.shape[0]
+            or np.isfinite(xs).all()):
+        return xs
+    pad = np.arange(xs.shape[0])[:, None] >= ln[None, :]
+    return np.where(pad[:, :, None], xs.dtype.type(0), xs)
 
 
 def _check_ids(name, ids, n):
@@ -203,7 +248,7 @@ def state_arg(v, shape, dtype, name):
         raise TypeError(f"{name}: expected a float array, got dtype {v.dtype}")
     if v.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {v.shape}")
-    return np.ascontiguousarray(v, dtype=dtype)
+    return _writable(np.ascontiguousarray(v, dtype=dtype))
 
 
 def targets_arg(y, spec, T, B, lengths, batch_first, dtype, name="y", device=False):
@@ -239,7 +284,7 @@ def targets_arg(y, spec, T, B, lengths, batch_first, dtype, name="y", device=Fal
             raise ValueError(f"{name}: class ids must be in [0, {O}) (output_size), got {int(bad)}")
         if spec.readout == "all":
             y = np.where(valid, y, 0)
-        return y
+        return _writable(y)
     if y.dtype.kind not in "fiu":
         raise TypeError(f"{name}: mse expects float targets, got dtype {y.dtype}")
     fshape = shape + (O,)
@@ -247,7 +292,7 @@ def targets_arg(y, spec, T, B, lengths, batch_first, dtype, name="y", device=Fal
         raise ValueError(f"{name}: expected float targets of shape {lay}, {O}) = {fshape}, got {y.shape}")
     if batch_first and spec.readout == "all":
         y = y.swapaxes(0, 1)
-    return np.ascontiguousarray(y, dtype=dtype)
+    return _writable(np.ascontiguousarray(y, dtype=dtype))
 
 
 def _device_targets(y, spec, T, B, batch_first, dtype, name):

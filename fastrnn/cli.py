@@ -1499,6 +1499,9 @@ def make_parser():
     q = sub.add_parser("plot", help="(re)draw the picture of a train or compare run")
     q.add_argument("run", metavar="DIR")
     q.set_defaults(func=cmd_plot)
+
+    from .backends._plan import add_tune_parser
+    add_tune_parser(sub, _Formatter)
     return p
 
 

@@ -6,13 +6,22 @@ A layer owns its parameters as one flat buffer (``_buf``; the ``_flat``
 property makes it current first, see _mirror.py); ``state_dict`` returns
 copies under PyTorch's names. Validation happens here; the numbers
 are computed by the chosen backend (fastrnn.backends).
+
+Threads: every layer (and every SequenceModel, which shares its core's) has
+a re-entrant lock; forward, backward, state_dict and load_state_dict hold it,
+so calls on one layer from several threads run one at a time, each as if
+alone (backward goes through the last forward, whichever thread made it).
+Different layers share nothing and run in parallel.
 """
+import threading
+
 import numpy as np
 
 from . import _mirror, backends
 from ._spec import make_spec, n_core_params, views
 from ._validate import (as_array, check_bool, check_choice, check_dtype,
-                        check_int, lengths_arg, sequence_input, state_arg)
+                        check_int, check_positive, sequence_args, sequence_input,
+                        state_arg)
 from .init import SCHEMES, init_core
 
 
@@ -64,6 +73,7 @@ class _Base:
         self._ctx = {}
         self._cache = None
         self.grads = None
+        self._lock = threading.RLock()
 
     # -- parameters --------------------------------------------------------
     @property
@@ -85,14 +95,16 @@ class _Base:
 
     def state_dict(self):
         """{name: copy} with PyTorch's names and shapes."""
-        return {k: v.copy() for k, v in views(self._spec, self._params()).items()}
+        with self._lock:
+            return {k: v.copy() for k, v in views(self._spec, self._params()).items()}
 
     def load_state_dict(self, d, strict=True):
         """Load numpy arrays / array-likes / torch tensors; validated whole
         first: a missing key or a wrong shape raises ValueError and leaves
         the layer unchanged."""
-        _load_arrays(type(self).__name__, self._spec, self._flat, d, strict)
-        self._cache = None
+        with self._lock:
+            _load_arrays(type(self).__name__, self._spec, self._flat, d, strict)
+            self._cache = None
 
     def parameters(self):
         """Named views (not copies) of the parameters, in state_dict order."""
@@ -151,15 +163,16 @@ class _Recurrent(_Base):
         return (st[0], st[1]) if self._lstm else st[0]
 
     def forward(self, x, hx=None, lengths=None):
-        """out, h_n (RNN) or out, (h_n, c_n) (LSTM), PyTorch's shapes."""
-        xs = sequence_input(x, self.input_size, self.dtype, self.batch_first,
-                            device=self._device_inputs)
-        T, B = xs.shape[0], xs.shape[1]
-        ln = lengths_arg(lengths, T, B)
+        """out, h_n (RNN) or out, (h_n, c_n) (LSTM), PyTorch's shapes.
+        Padding steps (t >= lengths[b]) are ignored whatever they hold (NaN
+        and inf included); token ids must be in range everywhere."""
+        xs, T, B, ln = sequence_args(x, lengths, self.input_size, self.dtype,
+                                     self.batch_first, device=self._device_inputs)
         st0 = self._state0(hx, B)
-        out, st_n, cache = self._be.core_forward(self._spec, self._params(), xs,
-                                                 ln, st0, ctx=self._ctx)
-        self._cache = (cache, T, B, np.dtype(xs.dtype).kind in "iu")
+        with self._lock:
+            out, st_n, cache = self._be.core_forward(self._spec, self._params(), xs,
+                                                     ln, st0, ctx=self._ctx)
+            self._cache = (cache, T, B, np.dtype(xs.dtype).kind in "iu")
         if self.batch_first:
             out = np.ascontiguousarray(out.swapaxes(0, 1))
         return out, self._state_out(st_n)
@@ -172,6 +185,10 @@ class _Recurrent(_Base):
         Returns grad_x (None for token ids) and grad_hx (a pair for the LSTM);
         parameter gradients go to self.grads (state_dict keys).
         """
+        with self._lock:
+            return self._backward(grad_out, grad_hn, state_clip)
+
+    def _backward(self, grad_out, grad_hn, state_clip):
         if self._cache is None:
             raise RuntimeError("backward: call forward first (backward "
                                "back-propagates through the last forward call)")
@@ -198,7 +215,6 @@ class _Recurrent(_Base):
             else:
                 dst[0] = state_arg(grad_hn, shape, self.dtype, "grad_hn")
         if state_clip is not None:
-            from ._validate import check_positive
             state_clip = check_positive("state_clip", state_clip)
         dx, dst0, grad, _ = self._be.core_backward(self._spec, self._params(), cache,
                                                    g, dst, state_clip, ctx=self._ctx)
@@ -321,6 +337,10 @@ class _Cell(_Base):
         return state_arg(v, shape, self.dtype, name).reshape(1, 1, B, self.hidden_size)
 
     def forward(self, input, hx=None):
+        with self._lock:
+            return self._forward(input, hx)
+
+    def _forward(self, input, hx):
         xs, batched = self._input(input)
         B = xs.shape[1]
         S = self._spec.S
@@ -345,6 +365,10 @@ class _Cell(_Base):
     def backward(self, grad_h):
         """grad_h: dL/dh' (a pair (dL/dh', dL/dc') for LSTMCell).
         Returns (grad_input, grad_hx); parameter gradients in self.grads."""
+        with self._lock:
+            return self._backward(grad_h)
+
+    def _backward(self, grad_h):
         if self._cache is None:
             raise RuntimeError("backward: call the cell first")
         cache, B, batched = self._cache

@@ -6,6 +6,13 @@ buffer; the core's parameters become a view into it, so the layer and the
 model always agree. TrainStep keeps the optimizer moments as flat arrays of
 the same length; forward, loss, BPTT, clipping and the update are one call
 into the backend.
+
+Threads: a model shares its core's re-entrant lock (layers.py), and every
+entry point here -- model forward, TrainStep calls, gradient_flow, the
+state_dict functions -- holds it while it reads or writes the parameters,
+the optimizer state or the workspaces. One model driven from several threads
+is thus serialised: the results equal those of some sequential order of the
+calls, and no step is lost. Two models share nothing and run in parallel.
 """
 from dataclasses import dataclass
 
@@ -13,8 +20,8 @@ import numpy as np
 
 from . import _dist, _mirror
 from ._spec import LOSSES, READOUTS, n_core_params, views
-from ._validate import (check_choice, check_int, check_positive, lengths_arg,
-                        sequence_input, targets_arg)
+from ._validate import (check_choice, check_int, check_positive, sequence_args,
+                        targets_arg)
 from .clip import ClipNorm, ClipValue
 from .init import init_readout
 from .layers import _load_arrays, _Recurrent
@@ -59,6 +66,11 @@ class SequenceModel:
         return self.core.backend
 
     @property
+    def _lock(self):
+        """The core's lock: the model and its core are one set of parameters."""
+        return self.core._lock
+
+    @property
     def _be(self):
         return self.core._be
 
@@ -76,11 +88,13 @@ class SequenceModel:
 
     def state_dict(self):
         """Core's keys (PyTorch names) plus weight_out (O, D*H), bias_out (O,)."""
-        return {k: v.copy() for k, v in views(self._spec, self._params()).items()}
+        with self._lock:
+            return {k: v.copy() for k, v in views(self._spec, self._params()).items()}
 
     def load_state_dict(self, d, strict=True):
-        _load_arrays("SequenceModel", self._spec, self._flat, d, strict)
-        self.core._cache = None
+        with self._lock:
+            _load_arrays("SequenceModel", self._spec, self._flat, d, strict)
+            self.core._cache = None
 
     def parameters(self):
         """Named views (not copies) of all parameters, in state_dict order."""
@@ -91,19 +105,19 @@ class SequenceModel:
 
     def _inputs(self, x, hx, lengths):
         core = self.core
-        xs = sequence_input(x, core.input_size, self.dtype, core.batch_first,
-                            device=core._device_inputs)
-        T, B = xs.shape[0], xs.shape[1]
-        ln = lengths_arg(lengths, T, B)
+        xs, T, B, ln = sequence_args(x, lengths, core.input_size, self.dtype,
+                                     core.batch_first, device=core._device_inputs)
         st0 = core._state0(hx, B)
         return xs, T, B, ln, st0
 
     def forward(self, x, hx=None, lengths=None):
         """(outputs, h_n): logits/values (T, B, O) for readout 'all' (zero at
-        padding steps; (B, T, O) if batch_first) or (B, O) for 'last'."""
+        padding steps; (B, T, O) if batch_first) or (B, O) for 'last'.
+        Padding steps are ignored whatever x holds there (NaN included)."""
         xs, T, B, ln, st0 = self._inputs(x, hx, lengths)
-        z, st_n = self._be.model_forward(self._spec, self._params(), xs, ln, st0,
-                                         ctx=self._ctx)
+        with self._lock:
+            z, st_n = self._be.model_forward(self._spec, self._params(), xs, ln, st0,
+                                             ctx=self._ctx)
         if self.readout == "all" and self.core.batch_first:
             z = np.ascontiguousarray(z.swapaxes(0, 1))
         return z, self.core._state_out(st_n)
@@ -115,13 +129,24 @@ class SequenceModel:
                 f"readout={self.readout!r})")
 
 
+def _nonfinite_error(optimizer, loss, grad_norm, where=""):
+    """The FloatingPointError of a skipped step under on_nonfinite="raise"."""
+    if np.isfinite(loss) and np.isfinite(grad_norm):
+        why = (f"the {optimizer.kind} update would make a parameter or "
+               "optimizer moment non-finite")
+    else:
+        why = f"non-finite loss ({loss}) or gradient norm ({grad_norm})"
+    return FloatingPointError(f"{why}{where}; parameters and optimizer state "
+                              "were left unchanged")
+
+
 @dataclass
 class StepResult:
     """What one TrainStep call reports."""
     loss: float          # sum over steps, mean over the batch
     grad_norm: float     # global L2 norm of all parameter gradients, before clipping
     clipped: bool        # whether clipping changed the gradient
-    skipped: bool        # non-finite loss/gradient: nothing was updated
+    skipped: bool        # non-finite loss/gradient/update: nothing was updated
     hx: object           # final state (h_n, or (h_n, c_n)): pass back for truncated BPTT
 
 
@@ -138,6 +163,14 @@ class TrainStep:
     comm: None or an mpi4py communicator: data-parallel training, each rank
     passing its own batch; one step equals a step on the ranks' batches
     concatenated, results are equal on every rank (see fastrnn/_dist.py).
+
+    A step is atomic: it applies completely or not at all. It is skipped
+    when the loss or the gradient is not finite, and also when the update
+    itself would make any parameter or optimizer moment non-finite (Adam or
+    Adagrad with eps=0 and a gradient that is exactly 0, an overflowing
+    momentum, lr=inf): parameters, moments and the step count are then
+    bitwise unchanged. Calls from several threads are serialised by the
+    model's lock (see the module docstring).
     """
 
     def __init__(self, model, optimizer, *, clip=None, state_clip=None,
@@ -178,49 +211,51 @@ class TrainStep:
         yy = targets_arg(y, m._spec, T, B, ln, m.core.batch_first, m.dtype,
                          device=m.core._device_inputs)
         clip = self.clip
-        # the raw buffers: a backend that keeps them on a device (cuda) syncs
-        # them itself through _mirror
-        r = m._be.train_step(m._spec, m._buf, self._opt, self.steps + 1, xs, ln,
-                             st0, yy, opt=self.optimizer.kind,
-                             hyper=self.optimizer.hyper,
-                             clip=None if clip is None else clip.kind,
-                             limit=None if clip is None else clip.limit,
-                             state_clip=self.state_clip, ctx=self._ctx)
-        if r["skipped"]:
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(
-                    f"non-finite loss ({r['loss']}) or gradient norm ({r['grad_norm']}); "
-                    "parameters and optimizer state were left unchanged")
-        else:
-            self.steps += 1
-        m.core._cache = None
-        return StepResult(loss=r["loss"], grad_norm=r["grad_norm"], clipped=r["clipped"],
+        with m._lock:
+            # the raw buffers: a backend that keeps them on a device (cuda)
+            # syncs them itself through _mirror
+            r = m._be.train_step(m._spec, m._buf, self._opt, self.steps + 1, xs, ln,
+                                 st0, yy, opt=self.optimizer.kind,
+                                 hyper=self.optimizer.hyper,
+                                 clip=None if clip is None else clip.kind,
+                                 limit=None if clip is None else clip.limit,
+                                 state_clip=self.state_clip, ctx=self._ctx)
+            if not r["skipped"]:
+                self.steps += 1
+            m.core._cache = None
+        if r["skipped"] and self.on_nonfinite == "raise":
+            raise _nonfinite_error(self.optimizer, r["loss"], r["grad_norm"])
+        return StepResult(loss=r["loss"], grad_norm=r["grad_norm"],
+                          clipped=bool(r["clipped"]) and not r["skipped"],
                           skipped=r["skipped"], hx=m.core._state_out(r["state_n"]))
 
     step = __call__
 
     def state_dict(self):
         """Optimizer state (moments and step count) as arrays."""
-        _mirror.sync(self._opt)
-        return {"opt_state": self._opt.copy(), "steps": self.steps}
+        with self.model._lock:
+            _mirror.sync(self._opt)
+            return {"opt_state": self._opt.copy(), "steps": self.steps}
 
     def load_state_dict(self, d):
         st = np.asarray(d["opt_state"])
         if st.shape != self._opt.shape:
             raise ValueError(f"opt_state: expected shape {self._opt.shape}, got {st.shape}")
-        self.opt_state[...] = st
-        self.steps = int(d["steps"])
+        with self.model._lock:
+            self.opt_state[...] = st
+            self.steps = int(d["steps"])
 
 
 def gradient_flow(model, x, y, hx=None, lengths=None):
     """(T,) array: the L2 norm of dL/dh_t of the top layer at every step (all
     batch rows and directions together): how much of the loss gradient
-    reaches each step. Nothing is updated."""
+    reaches each step. Nothing is updated. Holds the model's lock."""
     if not isinstance(model, SequenceModel):
         raise TypeError(f"model: expected an fr.SequenceModel, got {type(model).__name__}")
     xs, T, B, ln, st0 = model._inputs(x, hx, lengths)
     yy = targets_arg(y, model._spec, T, B, ln, model.core.batch_first, model.dtype,
                      device=model.core._device_inputs)
-    flow = model._be.gradient_flow(model._spec, model._params(), xs, ln, st0, yy,
-                                   ctx=model._ctx)
+    with model._lock:
+        flow = model._be.gradient_flow(model._spec, model._params(), xs, ln, st0, yy,
+                                       ctx=model._ctx)
     return np.asarray(flow, dtype=np.float64)

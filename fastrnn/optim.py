@@ -5,8 +5,16 @@ SGD:     buf = momentum*buf + g (buf = g at the first step); p -= lr*buf
 Adam:    m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
          p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
 Adagrad: s += g^2; p -= lr * g / (sqrt(s) + eps)
+
+Argument ranges are PyTorch's (torch.optim): lr >= 0 (lr = 0 is a frozen
+step: the moments and the step count advance, the parameters stay),
+momentum >= 0, eps >= 0, 0 <= beta < 1; infinities are accepted where
+PyTorch accepts them. NaN is refused everywhere (PyTorch's SGD lets it
+through). An update that would make a parameter or moment non-finite
+(lr = inf, eps = 0 with a zero gradient, an overflowing momentum) is not
+applied: the step is skipped as a whole (see TrainStep).
 """
-from ._validate import check_positive
+from ._validate import check_range
 
 
 class Optimizer:
@@ -29,8 +37,8 @@ class SGD(Optimizer):
     kind = "sgd"
 
     def __init__(self, lr, momentum=0.0):
-        super().__init__(lr=check_positive("lr", lr),
-                         momentum=check_positive("momentum", momentum, allow_zero=True))
+        super().__init__(lr=check_range("lr", lr),
+                         momentum=check_range("momentum", momentum))
 
 
 class Adam(Optimizer):
@@ -42,13 +50,10 @@ class Adam(Optimizer):
             b1, b2 = betas
         except (TypeError, ValueError):
             raise TypeError(f"betas: expected a pair (beta1, beta2), got {betas!r}") from None
-        b1 = check_positive("betas[0]", b1, allow_zero=True)
-        b2 = check_positive("betas[1]", b2, allow_zero=True)
-        for n, b in (("betas[0]", b1), ("betas[1]", b2)):
-            if b >= 1:
-                raise ValueError(f"{n}: expected a value in [0, 1), got {b}")
-        super().__init__(lr=check_positive("lr", lr), beta1=b1, beta2=b2,
-                         eps=check_positive("eps", eps, allow_zero=True))
+        b1 = check_range("betas[0]", b1, hi=1.0, hi_open=True)
+        b2 = check_range("betas[1]", b2, hi=1.0, hi_open=True)
+        super().__init__(lr=check_range("lr", lr), beta1=b1, beta2=b2,
+                         eps=check_range("eps", eps))
 
 
 class Adagrad(Optimizer):
@@ -56,5 +61,4 @@ class Adagrad(Optimizer):
     kind = "adagrad"
 
     def __init__(self, lr=1e-1, eps=1e-8):
-        super().__init__(lr=check_positive("lr", lr),
-                         eps=check_positive("eps", eps, allow_zero=True))
+        super().__init__(lr=check_range("lr", lr), eps=check_range("eps", eps))

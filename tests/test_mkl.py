@@ -38,9 +38,8 @@ PATHS = {
 
 @pytest.fixture(params=list(PATHS))
 def mkl_paths(request, monkeypatch):
-    """The numba backend on MKL with the given paths forced at every batch
-    size that is split over cores (the shapes here are below the measured
-    crossovers of nb.mkl_paths)."""
+    """The numba backend on MKL with the given paths forced at every shape
+    (without forcing, the plan chooses: tests/test_plan.py)."""
     if not MKL_OK:
         pytest.skip(f"MKL unavailable: {MKL_WHY}")
     monkeypatch.setattr(nb, "MKL_FORCE", PATHS[request.param])
@@ -62,11 +61,10 @@ def _used_mkl(caller):
                                             (2, True, True)])
 def test_layer_matches_reference(mkl_paths, mode, dtype, B, L, bidir, tokens):
     """Forward, final state, input/state/parameter gradients: float32 1e-4,
-    float64 1e-9 relative. B=5 gives chunks of 2 and 3 rows (different
-    packing sizes); B=1 is not split (MKL is not used there)."""
+    float64 1e-9 relative. B=5 gives chunks of 4 and 1 rows (different
+    packing sizes); B=1 one chunk of one row."""
     def check_engine(b):
-        assert (_used_mkl(b) != 0) == (B > 1 and nb._BLAS.can_pin
-                                       and nb.numba.get_num_threads() > 1)
+        assert _used_mkl(b) != 0
 
     compare_layer("numba", mode, dtype, tokens, T=6, B=B, I=4, H=7, L=L, bidir=bidir,
                   data_seed=B * 10 + L, after_forward=check_engine)
@@ -102,50 +100,6 @@ def test_train_step_adam_clipnorm_matches_reference(mkl_paths, mode, dtype):
         assert a.clipped == b.clipped
     for k in pa:
         assert_close(pb[k], pa[k], dtype, k)
-
-
-@needs_mkl
-def test_measured_rules_pick_mkl_for_larger_chunks():
-    """nb.mkl_paths: the loops below 8 rows per chunk; MKL for the backward
-    product from 16 rows, and from 8 for small G*H*H; for the forward one at
-    small H or from 32 rows; never the forward one at H = 512."""
-    both = nb.MK_FWD | nb.MK_BWD
-    assert nb.mkl_paths(4, 32, 4) == 0 and nb.mkl_paths(1, 512, 1) == 0
-    assert nb.mkl_paths(8, 32, 4) == both
-    assert nb.mkl_paths(8, 128, 4) == 0 and nb.mkl_paths(8, 128, 1) == 0
-    assert nb.mkl_paths(8, 64, 1) == both
-    assert nb.mkl_paths(8, 512, 4) == 0
-    assert nb.mkl_paths(16, 512, 4) == nb.MK_BWD
-    assert nb.mkl_paths(32, 128, 4) == both
-    assert nb.mkl_paths(32, 512, 4) == nb.MK_BWD
-    assert nb.mkl_paths(32, 256, 4) == nb.MK_BWD and nb.mkl_paths(32, 256, 1) == both
-
-
-@needs_mkl
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_unforced_rules_match_reference(dtype):
-    """Without forcing: B=16 on two cores gives chunks of 8 rows, H=16: both
-    per-step products on MKL by the measured rules."""
-    if nb.numba.get_num_threads() < 2 or not nb._BLAS.can_pin:
-        pytest.skip("the batch is not split over cores here")
-    prev = nb.set_gemm("mkl")
-    try:
-        T, B, I, H, O = 6, 16, 3, 16, 4
-        res = {}
-        for backend in ("numpy", "numba"):
-            model = fr.SequenceModel(_layer("lstm", I, H, 1, False, dtype, backend), O)
-            step = fr.TrainStep(model, fr.SGD(0.1))
-            rng = np.random.default_rng(1)
-            x = rng.standard_normal((T, B, I))
-            y = rng.integers(0, O, (T, B))
-            res[backend] = (step(x, y).loss, model.state_dict())
-            if backend == "numba":
-                assert _used_mkl(step) & nb.MK_FWD and _used_mkl(step) & nb.MK_BWD
-        assert_close(res["numba"][0], res["numpy"][0], dtype, "loss")
-        for k in res["numpy"][1]:
-            assert_close(res["numba"][1][k], res["numpy"][1][k], dtype, k)
-    finally:
-        nb.set_gemm(prev)
 
 
 @needs_mkl
@@ -186,12 +140,13 @@ CHILD = textwrap.dedent("""
     import numpy as np
     import fastrnn as fr
     from fastrnn.backends import numba_cpu as nb
+    nb.MKL_FORCE = nb.MK_FWD | nb.MK_BWD   # used only with the engine "mkl"
     out = {{"reason": fr.available_backends()["numba"][1],
            "engine": nb.gemm_engine()}}
     core = fr.LSTM(3, 8, seed=0, backend="numba")
     step = fr.TrainStep(fr.SequenceModel(core, 4), fr.SGD(0.1))
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((5, 16, 3)).astype(np.float32)  # chunks of 8 rows
+    x = rng.standard_normal((5, 16, 3)).astype(np.float32)  # chunks of 4 rows
     y = rng.integers(0, 4, (5, 16))
     try:
         out["loss"] = step(x, y).loss

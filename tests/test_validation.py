@@ -133,7 +133,7 @@ def test_bad_model_and_step_args(model):
     with pytest.raises(ValueError, match="eps"):
         fr.Adagrad(eps=-1.0)
     with pytest.raises(ValueError, match="max_norm"):
-        fr.ClipNorm(0)
+        fr.ClipNorm(-1.0)
     with pytest.raises(ValueError, match="limit"):
         fr.ClipValue(float("nan"))
 

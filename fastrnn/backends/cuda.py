@@ -1151,41 +1151,85 @@ def _finalize_kernel(part, LROW, RES, dims, limit):
             RES[3] = 1.0
 
 
+@_device
+def _updated(Pm, Gr, M, j, opt, clip, scale, hyper):
+    """Element j after clipping and one optimizer update (PyTorch's rules),
+    nothing written: (g, param, m, v), computed in float64 (stored rounded
+    to the arrays' dtype). hyper as in _update_kernel."""
+    lr, mom, b1, b2, eps, limit = hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5]
+    g = Gr[j]
+    if clip == 1:
+        g = g * scale
+    elif clip == 2:
+        g = min(max(g, -limit), limit)
+    p = Pm[j]
+    mj = M[0, j]
+    vj = M[1, j]
+    if opt == 0:
+        if mom != 0:
+            mj = mom * mj + g
+            p = p - lr * mj
+        else:
+            p = p - lr * g
+    elif opt == 1:
+        mj = b1 * mj + (1 - b1) * g
+        vj = b2 * vj + (1 - b2) * g * g
+        p = p - hyper[6] * mj / (math.sqrt(vj) / hyper[7] + eps)
+    else:
+        mj = mj + g * g
+        p = p - lr * g / (math.sqrt(mj) + eps)
+    return g, p, mj, vj
+
+
 @_kernel
-def _update_kernel(Pm, Gr, M, RES, dims, hyper):
-    """Clipping and one optimizer update (PyTorch's rules) over the flat
-    arrays; nothing at all when RES[3] (skipped) is set.
-    dims = (opt, clip); hyper = (lr, momentum, beta1, beta2, eps, limit,
-    lr / (1 - beta1^t), sqrt(1 - beta2^t))."""
+def _update_check_kernel(Pm, Gr, M, RES, dims, hyper):
+    """The first half of an atomic update: computes every new parameter and
+    moment without writing them, and marks the step skipped (RES[3] = 1)
+    if any of them would not be finite in the arrays' dtype (|value| >
+    hyper[8], the largest float64 that rounds to a finite one; NaN fails
+    the comparison too). Nothing when the step is already skipped."""
     if RES[3] != 0:
         return
     opt, clip = dims[0], dims[1]
-    lr, mom, b1, b2, eps, limit = hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5]
+    write_m = opt != 0 or hyper[1] != 0
+    bound = hyper[8]
     scale = RES[4]
     for j in range(cuda.grid(1), Pm.shape[0], cuda.gridsize(1)):
-        g = Gr[j]
-        if clip == 1:
-            g = g * scale
-        elif clip == 2:
-            g = min(max(g, -limit), limit)
+        g, p, mj, vj = _updated(Pm, Gr, M, j, opt, clip, scale, hyper)
+        if not (abs(p) <= bound and (abs(mj) <= bound or not write_m)
+                and (abs(vj) <= bound or opt != 1)):
+            RES[3] = 1.0     # every thread that finds one writes the same value
+
+
+@_kernel
+def _update_kernel(Pm, Gr, M, RES, dims, hyper):
+    """Clipping and one optimizer update (PyTorch's rules) over the flat
+    arrays; nothing at all when RES[3] (skipped) is set, by the guard or by
+    _update_check_kernel (launched before it).
+    dims = (opt, clip); hyper = (lr, momentum, beta1, beta2, eps, limit,
+    lr / (1 - beta1^t), sqrt(1 - beta2^t), finite bound of the dtype)."""
+    if RES[3] != 0:
+        return
+    opt, clip = dims[0], dims[1]
+    write_m = opt != 0 or hyper[1] != 0
+    scale = RES[4]
+    for j in range(cuda.grid(1), Pm.shape[0], cuda.gridsize(1)):
+        g, p, mj, vj = _updated(Pm, Gr, M, j, opt, clip, scale, hyper)
         Gr[j] = g
-        if opt == 0:
-            if mom != 0:
-                mj = mom * M[0, j] + g
-                M[0, j] = mj
-                Pm[j] -= lr * mj
-            else:
-                Pm[j] -= lr * g
-        elif opt == 1:
-            mj = b1 * M[0, j] + (1 - b1) * g
-            vj = b2 * M[1, j] + (1 - b2) * g * g
+        Pm[j] = p
+        if write_m:
             M[0, j] = mj
+        if opt == 1:
             M[1, j] = vj
-            Pm[j] -= hyper[6] * mj / (math.sqrt(vj) / hyper[7] + eps)
-        else:
-            sj = M[0, j] + g * g
-            M[0, j] = sj
-            Pm[j] -= lr * g / (math.sqrt(sj) + eps)
+
+
+def _finite_bound(dtype):
+    """The largest float64 that rounds to a finite number of dtype."""
+    if np.dtype(dtype) == np.float64:
+        return float(np.finfo(np.float64).max)
+    fmax = float(np.finfo(dtype).max)
+    below = float(np.nextafter(np.finfo(dtype).max, np.array(0, dtype)))
+    return float(np.nextafter(fmax + (fmax - below) / 2, 0.0))   # ties go to inf
 
 
 # ============================================================================
@@ -1305,7 +1349,8 @@ def kernel_signatures(dtype):
         _loss_kernel: (A[2], A[1], I1, I1, A[2], A[2], F1, ints(7)),
         _sumsq_kernel: (A[1], F2, f8),
         _finalize_kernel: (F2, F1, F1, ints(4), f8),
-        _update_kernel: (A[1], A[1], A[2], F1, ints(2), nt.UniTuple(f8, 8)),
+        _update_check_kernel: (A[1], A[1], A[2], F1, ints(2), nt.UniTuple(f8, 9)),
+        _update_kernel: (A[1], A[1], A[2], F1, ints(2), nt.UniTuple(f8, 9)),
     }
 
 
@@ -1822,12 +1867,16 @@ def _clip_update(c, flat, opt_state, step, w, R, B, nmom, viewed, *, opt, hyper,
     hyp = (float(hyper["lr"]), float(hyper.get("momentum", 0.0)), float(b1), float(b2),
            float(hyper.get("eps", 0.0)), lim,
            float(hyper["lr"]) / (1 - b1 ** step) if kind == 1 else 0.0,
-           math.sqrt(1 - b2 ** step) if kind == 1 else 1.0)
-    _launch(_update_kernel, _grid1(n), TPB,
-            (c.P, Gr, c.M, w["RES"], (kind, _CLIPS[clip]), hyp))
+           math.sqrt(1 - b2 ** step) if kind == 1 else 1.0,
+           _finite_bound(flat.dtype))
+    args = (c.P, Gr, c.M, w["RES"], (kind, _CLIPS[clip]), hyp)
+    _launch(_update_check_kernel, _grid1(n), TPB, args)   # then all or nothing
+    _launch(_update_kernel, _grid1(n), TPB, args)
     res = w["RES"].copy_to_host()
     skipped = bool(res[3])
-    if not skipped:
+    if skipped:
+        res[2] = 0.0   # a skipped step clipped nothing
+    else:
         c.held = (weakref.ref(flat), weakref.ref(opt_state) if nmom else None)
         if viewed:
             c.pull()

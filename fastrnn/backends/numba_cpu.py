@@ -11,24 +11,32 @@ Design (see DESIGN.md):
 - The input projection W_ih x for all T*B rows is one product before the time
   loop (a row gather for token ids); the time loop keeps only the recurrence;
   dW_ih, dW_hh are one product each after the backward loop.
-- Two cores (or more): batch rows are independent in the recurrence, so they
-  are split into chunks (``_forward_chunks``/``_backward_chunks``, prange)
-  that each run the whole time loop on their own core with no per-step
-  synchronisation. The one-off products (projection, weight gradients as
-  partial sums, input gradient, read-out) are split too (``_pmm*``). BLAS is
-  pinned to one thread during kernel calls (``_BlasThreads``) so its thread
-  pool and numba's do not oversubscribe the cores; at B = 1 nothing is split
-  and BLAS keeps its threads.
-- The per-step recurrent product is a register-blocked loop (4 rows share
-  each row of W_hh; no transpose) up to SMALL_MACS on one chunk and always
-  inside chunks (CHUNK_MACS), BLAS beyond.
+- Two cores (or more): batch rows are independent in the recurrence, so
+  they are split into chunks (``_forward_chunks``/``_backward_chunks``,
+  prange) that each run the whole time loop on one core with no per-step
+  synchronisation. The chunks are a fixed partition of the batch
+  (``chunk_rows``: it depends on B only), so results are bitwise the same
+  for any thread count. The one-off products (projection, weight and input
+  gradients, read-out) split the rows of their result over the cores
+  (``_pgemm``, ``_pgemm_nt``, ``_wgrad_nt``), which gives the same bits for
+  any split.
+- No external BLAS: every product is fastrnn's own loops (``_addmm_nt``: dot
+  products, 4 rows of A by 2 rows of W in registers; ``_gemm_nn``/
+  ``_gemm_tn``: axpy form for short sums) or MKL at one thread set
+  thread-locally. SciPy's OpenBLAS, which numba's np.dot calls, keeps its
+  thread count in process-wide state (pinning it per call was not
+  thread-safe) and its results change with that count; it is never called,
+  and the user's OPENBLAS_NUM_THREADS changes nothing here.
+- A measured plan per machine (``choose``, backends/_plan.py) picks, per
+  shape class, MKL or the loops for the per-step products and all of
+  numba's threads or one (numba.set_num_threads is per calling thread);
+  FASTRNN_PLAN=off keeps the loops on all threads.
 - Optional Intel MKL (the `mkl` extra, backends/_mkl.py; FASTRNN_MKL=0
-  turns it off, =1 requires it): inside chunks, the per-step products call
-  cblas_?gemm (or the packed API, MKL_PACKED) where it measured faster than
-  the loops (``mkl_paths``: chunks of >= 8 rows). The kernels get MKL's
-  function addresses as int64 numbers in cfg and call them through
-  intrinsics, so numba's on-disk cache keeps working; each chunk sets MKL
-  to one thread for its own thread.
+  turns it off, =1 requires it): the per-step products call cblas_?gemm (or
+  the packed API, MKL_PACKED) where the plan measured it faster. The
+  kernels get MKL's function addresses as int64 numbers in cfg and call
+  them through intrinsics, so numba's on-disk cache keeps working; each
+  chunk sets MKL to one thread for its own thread.
 - Derivatives come from saved outputs (tanh' = 1 - h^2, sigmoid' = s(1-s)).
 - Float32 activations run once per step over whole blocks with a vectorised
   exp-based form (``_act_block``, ``_expm1_f32_row``) within a few float32
@@ -50,15 +58,15 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from . import _mkl, ctx_state
+from . import _mkl, _plan, ctx_state
 
 name = "numba"
 
 # ---- cfg header indices ----------------------------------------------------
 C_T, C_B, C_I, C_H, C_L, C_D, C_MODE, C_BIAS, C_TOK, C_O, C_READOUT, C_LOSS, \
-    C_OPT, C_CLIP, C_SCLIP, C_STEP, C_FAST, C_SMALL, C_WOUT, C_BOUT, C_NC, \
+    C_OPT, C_CLIP, C_SCLIP, C_STEP, C_FAST, C_SPARE, C_WOUT, C_BOUT, C_NC, \
     C_NCG, C_PAR, C_MKL, C_MKL_GEMM, C_MKL_PACK, C_MKL_COMP, C_MKL_PACKN, \
-    C_MKL_LOCAL = range(29)
+    C_MKL_LOCAL, C_RC = range(30)
 C_POFF = 32            # poff (L*D, 4) flattened from here
 # cfg[C_MKL:C_MKL + 6] is what the recurrences get of MKL ("mk"): flags (which
 # products call MKL), the addresses of cblas_?gemm, cblas_?gemm_pack,
@@ -71,17 +79,10 @@ F_LR, F_MOM, F_B1, F_B2, F_EPS, F_LIMIT, F_SCLIP = range(7)
 R_LOSS, R_GNORM, R_CLIPPED, R_SKIPPED = range(4)
 
 LSTM = 3
-# per-step products with at most this many multiply-adds run as explicit
-# loops; larger ones call BLAS. Measured on the 2-core AVX2 dev machine
-# (benchmarks/crossover.py).
-SMALL_MACS = 32768
-# inside a chunk of batch rows (one core each, BLAS pinned to one thread) the
-# register-blocked loops beat single-threaded OpenBLAS at every benchmarked
-# shape (~60 vs ~35 GFLOP/s at 8x128x512; LSTM B=16, H=512: 102 ms with the
-# loops, 199 ms with BLAS per chunk), so chunks always use the loops.
-CHUNK_MACS = 1 << 62
-# at most this many chunks of batch rows / of a one-off product
-MAX_SPLIT = 4
+# The batch's fixed partition for the recurrences has at most this many
+# chunks (chunk_rows), whatever the thread count; the one-off products are
+# split over at most this many threads.
+SPLIT = 4
 
 
 # ---- the GEMM engine of the per-step products ------------------------------
@@ -96,50 +97,25 @@ if _MKL_OFF or _MKL_ENV_BAD:
 else:
     _ok, _MKL_WHY = _mkl.status()
     _MKL = _mkl.load() if _ok else None
-# "mkl" or "default" (register-blocked loops and OpenBLAS); set_gemm changes it
+# "mkl" or "default" (the built-in loops only); set_gemm changes it
 _GEMM = "mkl" if _MKL is not None else "default"
-# With the engine "mkl", the per-step products of the chunked recurrences
-# (one core each, B >= 2) call MKL where it measured faster than the
-# register-blocked loops on the 2-core AMD EPYC dev machine, by the chunk's
-# batch rows m, H and the gate count G (benchmarks/results/mkl_crossover.txt:
-# both chunks at once, T=100, LSTM and RNN shapes, aligned arrays). Below 8
-# rows the loops win everywhere.
-#   forward  h_{t-1} W_hh^T: MKL at m >= 8 with H <= 64 (LSTM H=32, m=32:
-#            127 against 66 GFLOP/s over 2 cores), and at m >= 32 while
-#            G*H*H <= 65536 (LSTM H <= 128, RNN H <= 256); the loops beyond
-#            (LSTM H = 512: 140 against 109-119).
-#   backward dgates W_hh:    MKL at m >= 16 (103-138 against 75-98), and at
-#            m = 8..15 while G*H*H <= 4096 (LSTM H <= 32, RNN H <= 64); a
-#            tie or worse in the whole training step at m = 8 beyond (LSTM
-#            H = 128: 0-6% slower with it over three runs, RNN H = 128: 2%).
-# The one-off products stay on OpenBLAS: single-threaded it ran them at
-# 55-92 GFLOP/s, MKL at 27-78 (the weight gradient 3200 x 2048 x 512: 88
-# against 71). The packed API (W_hh packed once per call, reused for the T
-# steps) measured no better than plain ?gemm here (within +-10%, worse at
-# H = 512), so it is off by default; MKL_PACKED = True turns it on.
+# With the engine "mkl", the plan (choose, backends/_plan.py) times the
+# per-step products on the loops and on MKL (forward, backward, both) for
+# each shape class on this machine and keeps the fastest; FASTRNN_PLAN=off
+# keeps the loops. MKL is called with its thread-local setting at one
+# thread from inside the chunks. (Measured on an AMD EPYC, MKL loads its
+# generic kernels there: the 4x2-blocked loops beat it at most shapes.) The
+# one-off products never use MKL. The packed API (W_hh packed once per call,
+# reused for the T steps) measured no better than plain ?gemm on the AVX2
+# dev machine, so it is off by default; MKL_PACKED = True turns it on.
 MKL_PACKED = False
-# tests: force these MK_* flags at every split shape (None: the rules above)
+# tests: force these MK_* flags at every shape (None: the plan)
 MKL_FORCE = None
-
-
-def mkl_paths(m, H, G):
-    """MK_* flags: which per-step products use MKL for chunks of m rows
-    (G = 4 for the LSTM, 1 for the RNN)."""
-    if MKL_FORCE is not None:
-        return MKL_FORCE
-    f = 0
-    if (m >= 8 and H <= 64) or (m >= 32 and G * H * H <= 65536):
-        f |= MK_FWD
-    if m >= 16 or (m >= 8 and G * H * H <= 4096):
-        f |= MK_BWD
-    if f and MKL_PACKED:
-        f |= MK_PACKED
-    return f
 
 
 def set_gemm(engine):
     """Choose the engine of the per-step products for this process: "mkl"
-    or "default" (built-in loops, OpenBLAS); returns the previous one.
+    or "default" (built-in loops); returns the previous one.
     "mkl" raises RuntimeError when MKL is not usable."""
     global _GEMM
     if engine not in ("mkl", "default"):
@@ -152,29 +128,40 @@ def set_gemm(engine):
 
 def gemm_engine():
     """'mkl (packed)', 'mkl' or 'default': the engine of the per-step
-    products (MKL where mkl_paths says so, the loops elsewhere)."""
+    products (MKL where the plan measured it faster, the loops elsewhere)."""
     if _GEMM == "mkl":
         return "mkl (packed)" if MKL_PACKED else "mkl"
     return "default"
 
 
+def plan_where():
+    """Where the plan lives, or why there is none."""
+    if not _plan.enabled():
+        return "plan: off (FASTRNN_PLAN=off: built-in loops, all threads)"
+    try:
+        p = _plan.get_plan(_plan_version())
+    except Exception as e:  # an unreadable environment: say so, do not fail
+        return f"plan: unavailable ({type(e).__name__}: {e})"
+    return f"plan: {p.path} ({len(p.entries)} shape classes; `fastrnn tune`)"
+
+
 def available():
     if _GEMM == "mkl":
-        gemm = (f"gemm: {gemm_engine()} for the per-step products of batch "
-                "chunks of >= 8 rows where it measured faster, built-in loops "
-                f"and OpenBLAS for the rest [{_MKL.describe()}]")
+        gemm = (f"gemm: {gemm_engine()} for the per-step products where the "
+                "plan measured it faster, built-in loops for the rest "
+                f"[{_MKL.describe()}]")
     elif _MKL_REQUIRED:
         gemm = f"gemm: MKL required (FASTRNN_MKL=1) but not usable: {_MKL_WHY}"
     else:
-        gemm = f"gemm: built-in loops and OpenBLAS (MKL not used: {_MKL_WHY})"
-    return True, "numba imported; " + gemm
+        gemm = f"gemm: built-in loops (MKL not used: {_MKL_WHY})"
+    return True, "numba imported; " + gemm + "; " + plan_where()
 
 
 # ============================================================================
 # workspace
 # ============================================================================
 @njit(cache=True)
-def _sections(T, B, I, H, L, D, G, O, lstm, tok, ncg, npack):
+def _sections(T, B, I, H, L, D, G, O, lstm, tok, npack):
     """Sizes (in elements) of the workspace sections, in order."""
     W = max(I, D * H)
     s = np.zeros(18, dtype=np.int64)
@@ -187,9 +174,9 @@ def _sections(T, B, I, H, L, D, G, O, lstm, tok, ncg, npack):
     s[6] = T * B * W                          # DA: d layer output
     s[7] = T * B * W                          # DB: d layer input
     s[8] = T * B * W                          # TMP: product scratch
-    s[9] = (ncg - 1) * max(G * H * max(H, I, D * H), O * D * H)  # PART: partial products
+    s[9] = (G * H + max(H, I, D * H)) * WG_ROWS  # WG: blocks of _wgrad_nt
     s[10] = 2 * B * H                         # DH: dh, dc carried back
-    s[11] = I * G * H * tok                   # WT: W_ih transposed, token ids
+    s[11] = max(max(I, D * H) * G * H, O * D * H)  # WT: a weight transposed
     s[12] = I * G * H * tok                   # DWT: token-gradient rows
     s[13] = T * B * O                         # Z: read-out
     s[14] = T * B * O                         # DZ
@@ -209,8 +196,8 @@ def _section(ws, sizes, j):
     return ws[off:off + sizes[j]]
 
 
-def workspace_size(T, B, I, H, L, D, G, O, lstm, tok, ncg, npack=0):
-    s = _sections(T, B, I, H, L, D, G, O, lstm, tok, ncg, npack)
+def workspace_size(T, B, I, H, L, D, G, O, lstm, tok, npack=0):
+    s = _sections(T, B, I, H, L, D, G, O, lstm, tok, npack)
     return int(((s + 15) // 16 * 16).sum())
 
 
@@ -327,14 +314,15 @@ def _act_block(fast, relu, src, dst, co, s, ibuf):
 
 @njit(cache=True)
 def _dact_mul_row(mode, h, dh, out):
-    """out = f'(a) * dh with f'(a) from h = f(a)."""
+    """out = f'(a) * dh with f'(a) from h = f(a); relu' is (h > 0) as a
+    number, so that 0 * NaN is NaN as in NumPy."""
     n = h.shape[0]
     if mode == 0:
         for j in range(n):
             out[j] = (1 - h[j] * h[j]) * dh[j]
     elif mode == 1:
         for j in range(n):
-            out[j] = dh[j] if h[j] > 0 else 0
+            out[j] = (1.0 if h[j] > 0 else 0.0) * dh[j]
     else:
         for j in range(n):
             out[j] = h[j] * (1 - h[j]) * dh[j]
@@ -344,30 +332,60 @@ def _dact_mul_row(mode, h, dh, out):
 # products
 # ============================================================================
 @njit(cache=True, fastmath={"contract", "reassoc", "nsz"})
-def _addmm_nt(A, W, C, tmp, small):
-    """C += A @ W.T, A: (M, K), W: (N, K) row-major (W_hh as stored: no
-    transpose), C: (M, N). When M*K*N <= small: explicit loops, a vectorised
-    dot product per output with 4 rows of A sharing each row of W (register
-    blocking: ~60 GFLOP/s on one AVX2 core, more than OpenBLAS at these
-    shapes); BLAS otherwise."""
+def _addmm_nt(A, W, C):
+    """C += A @ W.T, A: (M, K), W: (N, K) row-major, C: (M, N): the per-step
+    products (W_hh as stored forward, W_hh transposed backward) and the
+    blocked weight gradients. Explicit loops: vectorised dot products, a
+    block of 4 rows of A by 2 rows of W at a time (8 sums in registers:
+    6 loads per 8 multiply-adds; 1.3-2.3x the 4 x 1 blocking on one AVX-512
+    core). Rows m = 0, 4, 8, ... start the blocks of 4, so a row's sums
+    depend on its index in A only: callers split A at multiples of 4 rows
+    to keep results independent of the split."""
     M, K = A.shape
     N = W.shape[0]
-    if M * K * N > small:
-        t = tmp[:M * N].reshape((M, N))
-        np.dot(A, W.T, t)
-        for m in range(M):
-            c = C[m]
-            tr = t[m]
-            for n in range(N):
-                c[n] += tr[n]
-        return
     m = 0
     while m + 4 <= M:
         a0 = A[m]
         a1 = A[m + 1]
         a2 = A[m + 2]
         a3 = A[m + 3]
-        for n in range(N):
+        n = 0
+        while n + 2 <= N:
+            w = W[n]
+            v = W[n + 1]
+            s0 = C[m, n]
+            s1 = C[m + 1, n]
+            s2 = C[m + 2, n]
+            s3 = C[m + 3, n]
+            t0 = C[m, n + 1]
+            t1 = C[m + 1, n + 1]
+            t2 = C[m + 2, n + 1]
+            t3 = C[m + 3, n + 1]
+            for k in range(K):
+                wk = w[k]
+                vk = v[k]
+                x0 = a0[k]
+                x1 = a1[k]
+                x2 = a2[k]
+                x3 = a3[k]
+                s0 += x0 * wk
+                s1 += x1 * wk
+                s2 += x2 * wk
+                s3 += x3 * wk
+                t0 += x0 * vk
+                t1 += x1 * vk
+                t2 += x2 * vk
+                t3 += x3 * vk
+            C[m, n] = s0
+            C[m + 1, n] = s1
+            C[m + 2, n] = s2
+            C[m + 3, n] = s3
+            C[m, n + 1] = t0
+            C[m + 1, n + 1] = t1
+            C[m + 2, n + 1] = t2
+            C[m + 3, n + 1] = t3
+            n += 2
+        if n < N:
             w = W[n]
             s0 = C[m, n]
             s1 = C[m + 1, n]
@@ -387,7 +405,19 @@ def _addmm_nt(A, W, C, tmp, small):
     while m < M:
         a = A[m]
         c = C[m]
-        for n in range(N):
+        n = 0
+        while n + 2 <= N:
+            w = W[n]
+            v = W[n + 1]
+            s0 = c[n]
+            t0 = c[n + 1]
+            for k in range(K):
+                s0 += a[k] * w[k]
+                t0 += a[k] * v[k]
+            c[n] = s0
+            c[n + 1] = t0
+            n += 2
+        if n < N:
             w = W[n]
             acc = c[n]
             for k in range(K):
@@ -396,44 +426,110 @@ def _addmm_nt(A, W, C, tmp, small):
         m += 1
 
 
-@njit(cache=True, fastmath={"contract", "reassoc", "nsz"})
-def _mm(A, Bm, C, small):
-    """C = A @ Bm, A: (M, K), Bm: (K, N) row-major, C: (M, N) contiguous.
-    Explicit loops (4 rows of C share each row of Bm) when M*K*N <= small,
-    BLAS straight into C otherwise."""
-    M, K = A.shape
+# Column blocks of the axpy-form products (_gemm_nn, _gemm_tn): 4 rows of C
+# of this many elements stay in L1 while the k (or r) loop runs; row blocks
+# of _gemm_tn: this many rows of Bm stay in L2 across the blocks of C.
+NB_COLS = 256
+RB_ROWS = 128
+
+
+@njit(cache=True, fastmath={"contract"})
+def _gemm_nn(A, Bm, C, acc, m0, m1):
+    """Rows [m0, m1) of C (+)= A @ Bm (acc: add to C, else overwrite); A: (M,
+    K), Bm: (K, N) row-major. The backward per-step product and the one-off
+    products. Each element of C is its k-ordered sum of fused multiply-adds
+    (4 rows of C share each row of Bm; vectorised over columns, never across
+    k), so the result is bitwise the same however the rows are split."""
+    K = A.shape[1]
     N = Bm.shape[1]
-    if M * K * N > small:
-        np.dot(A, Bm, C)
-        return
-    C[:] = 0
-    m = 0
-    while m + 4 <= M:
-        c0 = C[m]
-        c1 = C[m + 1]
-        c2 = C[m + 2]
-        c3 = C[m + 3]
-        for k in range(K):
-            b = Bm[k]
-            x0 = A[m, k]
-            x1 = A[m + 1, k]
-            x2 = A[m + 2, k]
-            x3 = A[m + 3, k]
-            for n in range(N):
-                bn = b[n]
-                c0[n] += x0 * bn
-                c1[n] += x1 * bn
-                c2[n] += x2 * bn
-                c3[n] += x3 * bn
-        m += 4
-    while m < M:
-        c = C[m]
-        for k in range(K):
-            x = A[m, k]
-            b = Bm[k]
-            for n in range(N):
-                c[n] += x * b[n]
-        m += 1
+    for n0 in range(0, N, NB_COLS):
+        n1 = min(N, n0 + NB_COLS)
+        nn = n1 - n0
+        m = m0
+        while m < m1:
+            q = min(4, m1 - m)
+            if q == 4:
+                c0 = C[m, n0:n1]
+                c1 = C[m + 1, n0:n1]
+                c2 = C[m + 2, n0:n1]
+                c3 = C[m + 3, n0:n1]
+                if not acc:
+                    for n in range(nn):
+                        c0[n] = 0
+                        c1[n] = 0
+                        c2[n] = 0
+                        c3[n] = 0
+                for k in range(K):
+                    b = Bm[k, n0:n1]
+                    x0 = A[m, k]
+                    x1 = A[m + 1, k]
+                    x2 = A[m + 2, k]
+                    x3 = A[m + 3, k]
+                    for n in range(nn):
+                        bn = b[n]
+                        c0[n] += x0 * bn
+                        c1[n] += x1 * bn
+                        c2[n] += x2 * bn
+                        c3[n] += x3 * bn
+            else:
+                for mm in range(m, m + q):
+                    c = C[mm, n0:n1]
+                    if not acc:
+                        for n in range(nn):
+                            c[n] = 0
+                    for k in range(K):
+                        b = Bm[k, n0:n1]
+                        x = A[mm, k]
+                        for n in range(nn):
+                            c[n] += x * b[n]
+            m += q
+
+
+@njit(cache=True, fastmath={"contract"})
+def _gemm_tn(A, Bm, C, acc, m0, m1):
+    """Rows [m0, m1) of C (+)= A.T @ Bm for A: (R, M), Bm: (R, N) row-major
+    (the weight gradients: the sum over the T*B stored rows). Each element is
+    its r-ordered sum of fused multiply-adds (RB_ROWS rows of Bm at a time,
+    kept in L2 across all of C), bitwise the same however C is split."""
+    R = A.shape[0]
+    N = Bm.shape[1]
+    if not acc:
+        for m in range(m0, m1):
+            C[m] = 0
+    for r0 in range(0, R, RB_ROWS):
+        r1 = min(R, r0 + RB_ROWS)
+        for n0 in range(0, N, NB_COLS):
+            n1 = min(N, n0 + NB_COLS)
+            nn = n1 - n0
+            m = m0
+            while m < m1:
+                q = min(4, m1 - m)
+                if q == 4:
+                    c0 = C[m, n0:n1]
+                    c1 = C[m + 1, n0:n1]
+                    c2 = C[m + 2, n0:n1]
+                    c3 = C[m + 3, n0:n1]
+                    for r in range(r0, r1):
+                        b = Bm[r, n0:n1]
+                        x0 = A[r, m]
+                        x1 = A[r, m + 1]
+                        x2 = A[r, m + 2]
+                        x3 = A[r, m + 3]
+                        for n in range(nn):
+                            bn = b[n]
+                            c0[n] += x0 * bn
+                            c1[n] += x1 * bn
+                            c2[n] += x2 * bn
+                            c3[n] += x3 * bn
+                else:
+                    for mm in range(m, m + q):
+                        c = C[mm, n0:n1]
+                        for r in range(r0, r1):
+                            b = Bm[r, n0:n1]
+                            x = A[r, mm]
+                            for n in range(nn):
+                                c[n] += x * b[n]
+                m += q
 
 
 # ---- MKL, called from the kernels through function addresses ---------------
@@ -570,18 +666,20 @@ def _pack_slot(pack, mk, c):
 
 @njit(cache=True)
 def _mkl_pack_w(mk, W, m, fwd, pbuf):
-    """Pack W_hh (GH, H) once for the per-step products of a chunk of m rows:
-    forward as op(B) = W_hh.T (C += A @ W_hh.T), backward as op(B) = W_hh
-    (C = A @ W_hh). Nothing when those products do not use packed MKL."""
-    GH, H = W.shape
+    """Pack the recurrent weights once for the per-step products of a chunk
+    of m rows: forward W = W_hh (GH, H) as op(B) = W_hh.T (C += A @ W_hh.T),
+    backward W = W_hh.T (H, GH) as op(B) = W_hh (C = A @ W_hh). Nothing when
+    those products do not use packed MKL."""
     if fwd and (mk[0] & MK_FWD) and (mk[0] & MK_PACKED):
+        GH, H = W.shape
         _mkl_pack(mk[2], _B_MATRIX, _TRANS, m, GH, H, 1.0, W, H, pbuf)
     elif not fwd and (mk[0] & MK_BWD) and (mk[0] & MK_PACKED):
-        _mkl_pack(mk[2], _B_MATRIX, _NO_TRANS, m, H, GH, 1.0, W, H, pbuf)
+        H, GH = W.shape
+        _mkl_pack(mk[2], _B_MATRIX, _TRANS, m, H, GH, 1.0, W, GH, pbuf)
 
 
 @njit(cache=True)
-def _step_nt(mk, A, W, C, tmp, small, pbuf):
+def _step_nt(mk, A, W, C, pbuf):
     """The forward per-step product C += A @ W.T (A: (m, H) rows of h_{t-1},
     W: W_hh (GH, H), C: (m, GH)): MKL (packed W from _mkl_pack_w, or plain
     sgemm) when mk says so, else _addmm_nt."""
@@ -595,91 +693,130 @@ def _step_nt(mk, A, W, C, tmp, small, pbuf):
             _mkl_gemm(mk[1], _NO_TRANS, _TRANS, M, N, K, 1.0, A, K, W, K,
                       1.0, C, N)
         return
-    _addmm_nt(A, W, C, tmp, small)
+    _addmm_nt(A, W, C)
 
 
 @njit(cache=True)
-def _step_nn(mk, A, W, C, small, pbuf):
-    """The backward per-step product C = A @ W (A: (m, GH) deltas, W: W_hh
-    (GH, H), C: (m, H)): MKL when mk says so, else _mm."""
+def _step_nn(mk, A, W, C, pbuf):
+    """The backward per-step product C = A @ W_hh (A: (m, GH) deltas, W:
+    W_hh transposed (H, GH), which core_backward_kernel passes to the
+    backward recurrences in W_hh's place; C: (m, H)): MKL when mk says so,
+    else the dot-product loops of _addmm_nt along rows of W (1.3-2x the axpy
+    form over W_hh's rows)."""
+    M, K = A.shape
+    N = W.shape[0]
     if mk[0] & MK_BWD:
-        M, K = A.shape
-        N = W.shape[1]
         if mk[0] & MK_PACKED:
-            _mkl_compute(mk[3], _NO_TRANS, _PACKED, M, N, K, A, K, pbuf, N,
+            _mkl_compute(mk[3], _NO_TRANS, _PACKED, M, N, K, A, K, pbuf, K,
                          0.0, C, N)
         else:
-            _mkl_gemm(mk[1], _NO_TRANS, _NO_TRANS, M, N, K, 1.0, A, K, W, N,
+            _mkl_gemm(mk[1], _NO_TRANS, _TRANS, M, N, K, 1.0, A, K, W, K,
                       0.0, C, N)
         return
-    _mm(A, W, C, small)
+    C[:] = 0
+    _addmm_nt(A, W, C)
 
 
 # ---- one-off products split over the cores ---------------------------------
-# BLAS is pinned to one thread while our kernels run (see _blas_one_thread):
-# its own worker threads would compete with numba's for the same two cores.
-# Products below PAR_MACS multiply-adds are not worth a parallel region.
+# No external BLAS anywhere in the kernels: numba's np.dot calls SciPy's
+# OpenBLAS, whose thread count is process-wide state (pinning it per call
+# was not thread-safe) and whose results change bitwise with that count.
+# The one-off products run on _gemm_nn/_gemm_tn, rows of C split over the
+# cores; their results do not depend on the split. Products below PAR_MACS
+# multiply-adds are not worth a parallel region.
 PAR_MACS = 1 << 20
 
 
 @njit(cache=True, parallel=True)
-def _pmm(A, Bm, C, nc, par):
-    """C = A @ Bm (Bm may be a transposed view), rows of A and C split over
-    nc cores when the product has at least `par` multiply-adds."""
-    M = A.shape[0]
-    if nc == 1 or M * A.shape[1] * C.shape[1] < par or M < nc:
-        np.dot(A, Bm, C)
-        return
-    for c in prange(nc):
-        r0 = c * M // nc
-        r1 = (c + 1) * M // nc
-        np.dot(A[r0:r1], Bm, C[r0:r1])
-
-
-@njit(cache=True, parallel=True)
-def _pmm_acc(A, Bm, C, tmp, nc, par):
-    """C += A @ Bm, rows split over nc cores (at >= par multiply-adds); tmp:
-    scratch of C's size."""
+def _pgemm(tn, A, Bm, C, acc, nc, par):
+    """C (+)= A @ Bm (tn: A.T @ Bm), rows of C split over nc cores when the
+    product has at least `par` multiply-adds (bitwise the same either way)."""
     M, N = C.shape
-    t = tmp[:M * N].reshape((M, N))
-    if nc == 1 or M * A.shape[1] * N < par or M < nc:
+    K = A.shape[0] if tn else A.shape[1]
+    if M * K * N < par or M < 4 * nc:
         nc = 1
     for c in prange(nc):
-        r0 = c * M // nc
-        r1 = (c + 1) * M // nc
-        np.dot(A[r0:r1], Bm, t[r0:r1])
-        for r in range(r0, r1):
-            cr = C[r]
-            tr = t[r]
-            for j in range(N):
-                cr[j] += tr[j]
+        m0 = c * M // nc
+        m1 = (c + 1) * M // nc
+        if tn:
+            _gemm_tn(A, Bm, C, acc, m0, m1)
+        else:
+            _gemm_nn(A, Bm, C, acc, m0, m1)
 
 
 @njit(cache=True, parallel=True)
-def _pmm_tn(A, Bm, C, part, nc, par):
-    """C = A.T @ Bm for A: (R, m), Bm: (R, n): the sum over the R rows split
-    into nc partial products (part: scratch of (nc-1)*m*n), then added;
-    when the product has at least `par` multiply-adds."""
-    R, m = A.shape
-    n = Bm.shape[1]
-    if nc == 1 or R * m * n < par or R < nc:
-        np.dot(A.T, Bm, C)
-        return
-    P = part[:(nc - 1) * m * n].reshape((nc - 1, m, n))
+def _pgemm_nt(A, W, C, acc, nc, par):
+    """C (+)= A @ W.T (W: (N, K) row-major) by the dot-product loops of
+    _addmm_nt, for narrow C with long sums (the input gradient); rows of C
+    split over nc cores at multiples of 4 rows, so the 4-row blocks and the
+    bits are those of one core."""
+    M, N = C.shape
+    if M * A.shape[1] * N < par or M < 8 * nc:
+        nc = 1
     for c in prange(nc):
-        r0 = c * R // nc
-        r1 = (c + 1) * R // nc
-        if c == 0:
-            np.dot(A[r0:r1].T, Bm[r0:r1], C)
-        else:
-            np.dot(A[r0:r1].T, Bm[r0:r1], P[c - 1])
-    for c in range(nc - 1):
-        Pc = P[c]
-        for i in range(m):
-            ci = C[i]
-            pi = Pc[i]
-            for j in range(n):
-                ci[j] += pi[j]
+        m0 = (c * M // nc) // 4 * 4
+        m1 = M if c == nc - 1 else ((c + 1) * M // nc) // 4 * 4
+        if not acc:
+            for m in range(m0, m1):
+                C[m] = 0
+        _addmm_nt(A[m0:m1], W, C[m0:m1])
+
+
+# rows of the stored deltas / states per block of the blocked weight
+# gradient (_wgrad_nt): both blocks transposed fit in L2 with room
+WG_ROWS = 256
+
+
+@njit(cache=True, parallel=True)
+def _wgrad_nt(A, Bm, C, scratch, nc):
+    """C = A.T @ Bm (A: (R, M), Bm: (R, N)) as dot products: WG_ROWS rows
+    of A and Bm at a time are transposed into scratch ((M + N) * WG_ROWS)
+    and C += At @ Bt.T runs on the register-blocked loops of _addmm_nt,
+    rows of C split over nc cores at multiples of 4 (the same bits for any
+    split). Dot products run from L1 and L2; the axpy form of _gemm_tn
+    stores C for every row it adds."""
+    R, M = A.shape
+    N = Bm.shape[1]
+    for c in prange(nc):
+        for m in range(c * M // nc, (c + 1) * M // nc):
+            C[m] = 0
+    for r0 in range(0, R, WG_ROWS):
+        kb = min(WG_ROWS, R - r0)
+        At = scratch[:M * kb].reshape((M, kb))
+        Bt = scratch[M * kb:(M + N) * kb].reshape((N, kb))
+        for c in prange(nc):
+            for m in range(c * M // nc, (c + 1) * M // nc):
+                a = At[m]
+                for r in range(kb):
+                    a[r] = A[r0 + r, m]
+            for n in range(c * N // nc, (c + 1) * N // nc):
+                b = Bt[n]
+                for r in range(kb):
+                    b[r] = Bm[r0 + r, n]
+        for c in prange(nc):
+            m0 = (c * M // nc) // 4 * 4
+            m1 = M if c == nc - 1 else ((c + 1) * M // nc) // 4 * 4
+            _addmm_nt(At[m0:m1], Bt, C[m0:m1])
+
+
+@njit(cache=True)
+def _weight_grad(A, Bm, C, scratch, wscratch, nc, par):
+    """C = A.T @ Bm for a weight gradient. Wide ones (both sides >= 64) by
+    the blocked dot products of _wgrad_nt (wscratch); a narrow one (C: (M,
+    N < 64), the gradient of W_ih from a small input) as (Bm.T @ A).T, whose
+    rows are long (the axpy loops of _gemm_tn run along them); else _gemm_tn."""
+    M, N = C.shape
+    if M >= 64 and N >= 64:
+        _wgrad_nt(A, Bm, C, wscratch, nc)
+        return
+    if N >= 64 or M <= N:
+        _pgemm(True, A, Bm, C, False, nc, par)
+        return
+    Ct = scratch[:N * M].reshape((N, M))
+    _pgemm(True, Bm, A, Ct, False, nc, par)
+    for m in range(M):
+        for n in range(N):
+            C[m, n] = Ct[n, m]
 
 
 @njit(cache=True)
@@ -694,18 +831,26 @@ def _colsum(A, out):
 
 @njit(cache=True)
 def _transpose_into(W, dst):
-    """dst[:K*N].reshape(K, N) = W.T for W (N, K); returns the view."""
+    """dst[:K*N].reshape(K, N) = W.T for W (N, K); returns the view. In
+    32 x 32 tiles, so that reads and writes both stay in L1 (W_hh of an
+    LSTM at H = 512, 1M elements: an element-wise transpose took ms)."""
     N, K = W.shape
     out = dst[:K * N].reshape((K, N))
-    for n in range(N):
-        for k in range(K):
-            out[k, n] = W[n, k]
+    for n0 in range(0, N, 32):
+        n1 = min(N, n0 + 32)
+        for k0 in range(0, K, 32):
+            k1 = min(K, k0 + 32)
+            for k in range(k0, k1):
+                o = out[k]
+                for n in range(n0, n1):
+                    o[n] = W[n, k]
     return out
 
 
 @njit(cache=True)
 def _project(x, tok, W_ih, b_ih, b_hh, bias, dst, wt, nc, par):
-    """dst (T*B, G*H) = x @ W_ih.T + b_ih + b_hh; token ids gather rows of W_ih.T."""
+    """dst (T*B, G*H) = x @ W_ih.T + b_ih + b_hh; token ids gather rows of
+    W_ih.T (wt: scratch for W_ih transposed)."""
     GH = W_ih.shape[0]
     if tok.shape[0] > 0:
         WT = _transpose_into(W_ih, wt)
@@ -714,8 +859,10 @@ def _project(x, tok, W_ih, b_ih, b_hh, bias, dst, wt, nc, par):
             d = dst[r]
             for j in range(GH):
                 d[j] = src[j]
-    else:
-        _pmm(x, W_ih.T, dst, nc, par)
+    elif x.shape[1] >= 64:    # long sums: dot products along W_ih's rows
+        _pgemm_nt(x, W_ih, dst, False, nc, par)
+    else:                     # short ones: axpy over rows of W_ih.T
+        _pgemm(False, x, _transpose_into(W_ih, wt), dst, False, nc, par)
     if bias:
         for r in range(dst.shape[0]):
             d = dst[r]
@@ -727,7 +874,7 @@ def _project(x, tok, W_ih, b_ih, b_hh, bias, dst, wt, nc, par):
 # one direction of one layer: forward and backward side by side
 # ============================================================================
 @njit(cache=True)
-def _rnn_recur(mode, fast, small, rev, lengths, W_hh, HX, lout, col, co,
+def _rnn_recur(mode, fast, rev, lengths, W_hh, HX, lout, col, co,
                r0, r1, mk, pbuf):
     """Elman RNN recurrence of one direction for batch rows [r0, r1).
 
@@ -741,14 +888,13 @@ def _rnn_recur(mode, fast, small, rev, lengths, W_hh, HX, lout, col, co,
     H = HX.shape[2]
     n = r1 - r0
     _mkl_pack_w(mk, W_hh, n, True, pbuf)
-    tmp = np.empty(n * H, dtype=HX.dtype)
     fscr = np.empty(n * H, dtype=HX.dtype)
     ibuf = np.empty(n * H, dtype=np.int32)
     for s in range(T):
         t = T - 1 - s if rev else s
         tp = t + 2 if rev else t
         C = HX[t + 1, r0:r1]
-        _step_nt(mk, HX[tp, r0:r1], W_hh, C, tmp, small, pbuf)
+        _step_nt(mk, HX[tp, r0:r1], W_hh, C, pbuf)
         A = C.reshape(n * H)
         _act_block(fast, mode == 1, A, A, co, fscr, ibuf)
         for b in range(r0, r1):
@@ -765,7 +911,7 @@ def _rnn_recur(mode, fast, small, rev, lengths, W_hh, HX, lout, col, co,
 
 
 @njit(cache=True)
-def _rnn_back_recur(mode, small, rev, lengths, W_hh, HX, dlout, col, dh,
+def _rnn_back_recur(mode, rev, lengths, W_hh, HX, dlout, col, dh,
                     DELTA, sclip, use_sclip, flow, r0, r1, mk, pbuf):
     """BPTT of one direction for batch rows [r0, r1). dh (B, H) holds dL/dh_T
     on entry and dL/dh0 on exit; DELTA (T, B, H) receives dL/da_t. dlout:
@@ -796,14 +942,14 @@ def _rnn_back_recur(mode, small, rev, lengths, W_hh, HX, dlout, col, dh,
                 for j in range(H):
                     dl[j] = 0
         # dh_{t-1} = delta_t @ W_hh for valid rows; padding rows pass through
-        _step_nn(mk, DELTA[t, r0:r1], W_hh, nxt, small, pbuf)
+        _step_nn(mk, DELTA[t, r0:r1], W_hh, nxt, pbuf)
         for b in range(r0, r1):
             if t < lengths[b]:
                 dh[b] = nxt[b - r0]
 
 
 @njit(cache=True)
-def _lstm_recur(fast, small, rev, lengths, W_hh, GATES, HX, CX, TC, lout,
+def _lstm_recur(fast, rev, lengths, W_hh, GATES, HX, CX, TC, lout,
                 col, co, cot, r0, r1, mk, pbuf):
     """LSTM recurrence of one direction for batch rows [r0, r1), gates in
     PyTorch's order (i, f, g, o). GATES: (T, B, 4H) holds the input
@@ -815,14 +961,13 @@ def _lstm_recur(fast, small, rev, lengths, W_hh, GATES, HX, CX, TC, lout,
     H = HX.shape[2]
     n = r1 - r0
     _mkl_pack_w(mk, W_hh, n, True, pbuf)
-    tmp = np.empty(n * 4 * H, dtype=HX.dtype)
     fscr = np.empty(n * 4 * H, dtype=HX.dtype)
     ibuf = np.empty(n * 4 * H, dtype=np.int32)
     for s in range(T):
         t = T - 1 - s if rev else s
         tp = t + 2 if rev else t
         Gt = GATES[t, r0:r1]
-        _step_nt(mk, HX[tp, r0:r1], W_hh, Gt, tmp, small, pbuf)
+        _step_nt(mk, HX[tp, r0:r1], W_hh, Gt, pbuf)
         A = Gt.reshape(n * 4 * H)
         _act_block(fast, False, A, A, co, fscr, ibuf)
         for b in range(r0, r1):
@@ -856,7 +1001,7 @@ def _lstm_recur(fast, small, rev, lengths, W_hh, GATES, HX, CX, TC, lout,
 
 
 @njit(cache=True)
-def _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout, col,
+def _lstm_back_recur(rev, lengths, W_hh, GATES, CX, TC, dlout, col,
                      dh, dc, DELTA, sclip, use_sclip, flow, r0, r1, mk, pbuf,
                      dcs):
     """BPTT of one LSTM direction for batch rows [r0, r1). dh, dc (B, H) hold
@@ -910,7 +1055,7 @@ def _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout, col,
             else:
                 for j in range(4 * H):
                     dl[j] = 0
-        _step_nn(mk, DELTA[t, r0:r1], W_hh, nxt, small, pbuf)
+        _step_nn(mk, DELTA[t, r0:r1], W_hh, nxt, pbuf)
         for b in range(r0, r1):
             if t < lengths[b]:
                 dh[b] = nxt[b - r0]
@@ -918,42 +1063,44 @@ def _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout, col,
 
 # ---- the recurrences, batch rows split into chunks run on separate cores ---
 # Batch rows are independent in the recurrence, so each core runs the whole
-# time loop for its rows: no synchronisation per step. Inside a chunk the
-# per-step product uses the register-blocked loops (no BLAS threads compete).
+# time loop for its rows: no synchronisation per step. The chunks are a
+# fixed partition of the batch (chunk_rows: rc rows each, the last one
+# shorter), whatever the thread count, so results are bitwise the same on 1,
+# 2 or 4 threads; numba's scheduler hands the chunks to its threads.
 @njit(cache=True, parallel=True)
-def _forward_chunks(lstm, mode, fast, small, nc, rev, lengths, W_hh, GATES,
+def _forward_chunks(lstm, mode, fast, rc, nc, rev, lengths, W_hh, GATES,
                     HX, CX, TC, lout, col, co, cot, mk, pack):
     B = HX.shape[1]
     for c in prange(nc):
-        r0 = c * B // nc
-        r1 = (c + 1) * B // nc
+        r0 = c * rc
+        r1 = min(B, r0 + rc)
         pbuf = _pack_slot(pack, mk, c)
         prev = _mkl_enter(mk)
         if lstm:
-            _lstm_recur(fast, small, rev, lengths, W_hh, GATES, HX, CX, TC,
+            _lstm_recur(fast, rev, lengths, W_hh, GATES, HX, CX, TC,
                         lout, col, co, cot, r0, r1, mk, pbuf)
         else:
-            _rnn_recur(mode, fast, small, rev, lengths, W_hh, HX, lout, col,
+            _rnn_recur(mode, fast, rev, lengths, W_hh, HX, lout, col,
                        co, r0, r1, mk, pbuf)
         _mkl_exit(mk, prev)
 
 
 @njit(cache=True, parallel=True)
-def _backward_chunks(lstm, mode, small, nc, rev, lengths, W_hh, GATES, HX, CX,
+def _backward_chunks(lstm, mode, rc, nc, rev, lengths, W_hh, GATES, HX, CX,
                      TC, dlout, col, dh, dc, DELTA, sclip, use_sclip, flowc,
                      mk, pack, dcs):
     B = HX.shape[1]
     for c in prange(nc):
-        r0 = c * B // nc
-        r1 = (c + 1) * B // nc
+        r0 = c * rc
+        r1 = min(B, r0 + rc)
         pbuf = _pack_slot(pack, mk, c)
         prev = _mkl_enter(mk)
         if lstm:
-            _lstm_back_recur(small, rev, lengths, W_hh, GATES, CX, TC, dlout,
+            _lstm_back_recur(rev, lengths, W_hh, GATES, CX, TC, dlout,
                              col, dh, dc, DELTA, sclip, use_sclip, flowc[c],
                              r0, r1, mk, pbuf, dcs)
         else:
-            _rnn_back_recur(mode, small, rev, lengths, W_hh, HX, dlout, col, dh,
+            _rnn_back_recur(mode, rev, lengths, W_hh, HX, dlout, col, dh,
                             DELTA, sclip, use_sclip, flowc[c], r0, r1, mk,
                             pbuf)
         _mkl_exit(mk, prev)
@@ -961,15 +1108,15 @@ def _backward_chunks(lstm, mode, small, nc, rev, lengths, W_hh, GATES, HX, CX,
 
 @njit(cache=True)
 def _dir_param_grads(x, tok, rev, HX, DELTA, gW_ih, gW_hh, gb_ih, gb_hh,
-                     bias, dwt, part, nc, par):
-    """dW_ih, dW_hh as one product each over all stored deltas (split over
-    the cores as partial sums); db by column sums."""
+                     bias, dwt, wt, wg, nc, par):
+    """dW_ih, dW_hh as one product each over all stored deltas (rows of the
+    gradient split over the cores); db by column sums."""
     T = HX.shape[0] - 2
     B, H = HX.shape[1], HX.shape[2]
     GH = DELTA.shape[2]
     Dl = DELTA.reshape((T * B, GH))
     hprev = HX[2:T + 2] if rev else HX[0:T]
-    _pmm_tn(Dl, hprev.reshape((T * B, H)), gW_hh, part, nc, par)
+    _weight_grad(Dl, hprev.reshape((T * B, H)), gW_hh, wt, wg, nc, par)
     if tok.shape[0] > 0:
         I = gW_ih.shape[1]
         dw = dwt[:I * GH].reshape((I, GH))
@@ -983,7 +1130,7 @@ def _dir_param_grads(x, tok, rev, HX, DELTA, gW_ih, gW_hh, gb_ih, gb_hh,
             for i in range(I):
                 gW_ih[j, i] = dw[i, j]
     else:
-        _pmm_tn(Dl, x, gW_ih, part, nc, par)
+        _weight_grad(Dl, x, gW_ih, wt, wg, nc, par)
     if bias:
         _colsum(Dl, gb_ih)
         gb_hh[:] = gb_ih
@@ -1003,7 +1150,7 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
     the top layer's output is returned as a view."""
     T, B, I, H = cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H]
     L, D, mode = cfg[C_L], cfg[C_D], cfg[C_MODE]
-    bias, fast, small = cfg[C_BIAS] != 0, cfg[C_FAST] != 0, cfg[C_SMALL]
+    bias, fast = cfg[C_BIAS] != 0, cfg[C_FAST] != 0
     G = 4 if mode == LSTM else 1
     sz = _sections_of(cfg)
     HXall = _section(ws, sz, 0).reshape((L * D, T + 2, B, H))
@@ -1019,9 +1166,7 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
     cot = _act_coefs(0, B, H, 1, flat.dtype)
     nc = cfg[C_NC]
     ncg = cfg[C_NCG]
-    # chunked recurrences: register-blocked loops up to CHUNK_MACS per step,
-    # then BLAS (pinned to one thread, so the chunks do not compete)
-    small_eff = small if nc == 1 else CHUNK_MACS
+    rc = cfg[C_RC]
     lstm = mode == LSTM
     GH = G * H
     for k in range(L):
@@ -1055,7 +1200,7 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
             HX[hpos0] = state0[0, kd]
             if lstm:
                 CX[hpos0] = state0[1, kd]
-            _forward_chunks(lstm, mode, fast, small_eff, nc, d == 1, lengths,
+            _forward_chunks(lstm, mode, fast, rc, nc, d == 1, lengths,
                             W_hh, GATES, HX, CX, TC, LOUT[k], d * H, co, cot,
                             mk, pack)
             hpos = 1 if d == 1 else T
@@ -1078,7 +1223,7 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
     norm of dL/dh_t of the top layer (valid rows, both directions)."""
     T, B, I, H = cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H]
     L, D, mode = cfg[C_L], cfg[C_D], cfg[C_MODE]
-    bias, small = cfg[C_BIAS] != 0, cfg[C_SMALL]
+    bias = cfg[C_BIAS] != 0
     use_sclip = cfg[C_SCLIP] != 0
     G = 4 if mode == LSTM else 1
     GH = G * H
@@ -1093,15 +1238,14 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
     DELTA = _section(ws, sz, 5).reshape((T, B, GH))
     DA = _section(ws, sz, 6)
     DB = _section(ws, sz, 7)
-    TMP = _section(ws, sz, 8)
     DH = _section(ws, sz, 10).reshape((2, B, H))
     dwt = _section(ws, sz, 12)
-    PART = _section(ws, sz, 9)
+    wt = _section(ws, sz, 11)
     mk = cfg[C_MKL:C_MKL + 6]
     pack = _section(ws, sz, 17)
     nc = cfg[C_NC]
     ncg = cfg[C_NCG]
-    small_eff = small if nc == 1 else CHUNK_MACS
+    rc = cfg[C_RC]
     lstm = mode == LSTM
     flowc = np.zeros((nc, T), dtype=np.float64)
     flow[:] = 0
@@ -1136,7 +1280,9 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
                 dc[:] = dstate_n[1, kd]
             HX = HXall[kd]
             flowc[:] = 0
-            _backward_chunks(lstm, mode, small_eff, nc, d == 1, lengths, W_hh,
+            # the backward recurrences get W_hh transposed (see _step_nn)
+            _backward_chunks(lstm, mode, rc, nc, d == 1, lengths,
+                             _transpose_into(W_hh, wt),
                              GATESall[kd] if lstm else HX, HX,
                              CXall[kd] if lstm else HX,
                              TCall[kd] if lstm else HX, dl, d * H, dh, dc,
@@ -1150,15 +1296,14 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
                 dstate0[1, kd] = dc
             dstate0[0, kd] = dh
             _dir_param_grads(xin, tk, d == 1, HXall[kd], DELTA, gW_ih, gW_hh,
-                             gb_ih, gb_hh, bias, dwt, PART, ncg, cfg[C_PAR])
+                             gb_ih, gb_hh, bias, dwt, wt, _section(ws, sz, 9),
+                             ncg, cfg[C_PAR])
             # gradient of this layer's input (not for token ids, nor when the
             # caller passes an empty dx: training needs no input gradient)
             if not (k == 0 and (has_tok or dx.shape[0] == 0)):
                 Dl = DELTA.reshape((T * B, GH))
-                if d == 0:
-                    _pmm(Dl, W_ih, din, ncg, cfg[C_PAR])
-                else:
-                    _pmm_acc(Dl, W_ih, din, TMP, ncg, cfg[C_PAR])
+                _pgemm_nt(Dl, _transpose_into(W_ih, wt), din, d > 0, ncg,
+                          cfg[C_PAR])
         if k > 0:
             dl = din.reshape((T, B, Ik))
     for t in range(T):
@@ -1250,13 +1395,14 @@ def readout_forward_kernel(cfg, flat, lengths, top, ws):
         z = _section(ws, sz, 13)[:B * O].reshape((B, O))
         for b in range(B):
             hl[b] = top[lengths[b] - 1, b]
-        np.dot(hl, W.T, z)
+        z[:] = 0
+        _addmm_nt(hl, W, z)
         for b in range(B):
             for o in range(O):
                 z[b, o] += bout[o]
         return z
     z = _section(ws, sz, 13).reshape((T * B, O))
-    _pmm(top.reshape((T * B, DH)), W.T, z, cfg[C_NCG], cfg[C_PAR])
+    _pgemm_nt(top.reshape((T * B, DH)), W, z, False, cfg[C_NCG], cfg[C_PAR])
     for t in range(T):
         for b in range(B):
             r = z[t * B + b]
@@ -1275,7 +1421,7 @@ def _sections_of(cfg):
     G = 4 if mode == LSTM else 1
     return _sections(cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H], cfg[C_L],
                      cfg[C_D], G, cfg[C_O], 1 if mode == LSTM else 0,
-                     cfg[C_TOK], cfg[C_NCG], cfg[C_NC] * cfg[C_MKL_PACKN])
+                     cfg[C_TOK], cfg[C_NC] * cfg[C_MKL_PACKN])
 
 
 @njit(cache=True)
@@ -1300,9 +1446,9 @@ def loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf, grad, dtop):
         for b in range(B):
             loss += _loss_row(cfg[C_LOSS], z[b], yi[min(b, ni)],
                               yf[min(b, nf)], inv_b, dz[b])
-        np.dot(dz.T, hl, gW)
+        _gemm_tn(dz, hl, gW, False, 0, O)
         dh = _section(ws, sz, 8)[:B * DH].reshape((B, DH))
-        np.dot(dz, W, dh)
+        _gemm_nn(dz, W, dh, False, 0, B)
         dtop[:] = 0
         for b in range(B):
             dtop[lengths[b] - 1, b] = dh[b]
@@ -1325,9 +1471,10 @@ def loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf, grad, dtop):
                                           yf[min(r, nf)], inv_b, dz[r])
                     else:
                         dz[r] = 0
-        _pmm_tn(dz, top.reshape((T * B, DH)), gW, _section(ws, sz, 9),
-                cfg[C_NCG], cfg[C_PAR])
-        _pmm(dz, W, dtop.reshape((T * B, DH)), cfg[C_NCG], cfg[C_PAR])
+        _pgemm(True, dz, top.reshape((T * B, DH)), gW, False, cfg[C_NCG],
+               cfg[C_PAR])
+        _pgemm(False, dz, W, dtop.reshape((T * B, DH)), False, cfg[C_NCG],
+               cfg[C_PAR])
     gb[:] = 0
     for r in range(dz.shape[0]):
         for o in range(O):
@@ -1335,10 +1482,34 @@ def loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf, grad, dtop):
     return loss * inv_b
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
+def _updated(opt, j, flat, grad, m, v, k):
+    """Element j after one optimizer update: (param, m, v) in the arrays'
+    dtype, nothing written. k = (lr, momentum, beta1, beta2, eps,
+    lr / (1 - beta1^t), sqrt(1 - beta2^t)). IEEE arithmetic: 0/0 is NaN."""
+    t = flat.dtype.type
+    lr, mu, b1, b2, eps, step_size, bc2s = k
+    g = grad[j]
+    if opt == 0:
+        if mu != 0:
+            mj = t(mu * m[j] + g)        # PyTorch: buf = g at step 1 (m = 0)
+            return t(flat[j] - lr * mj), mj, v[j]
+        return t(flat[j] - lr * g), m[j], v[j]
+    if opt == 1:
+        mj = t(b1 * m[j] + (1 - b1) * g)
+        vj = t(b2 * v[j] + (1 - b2) * g * g)
+        return t(flat[j] - step_size * mj / (math.sqrt(vj) / bc2s + eps)), mj, vj
+    sj = t(m[j] + g * g)
+    return t(flat[j] - lr * g / (math.sqrt(sj) + eps)), sj, v[j]
+
+
+@njit(cache=True, error_model="numpy")
 def clip_update_kernel(cfg, fcfg, flat, grad, opt_state, res):
     """Global norm, finiteness guard, clipping and the optimizer update, each
-    one loop over the flat arrays. res[R_LOSS] must hold the loss already."""
+    one loop over the flat arrays. res[R_LOSS] must hold the loss already.
+    The update is atomic: a first pass computes every new value without
+    writing and skips the step (res[R_SKIPPED]) if any parameter or moment
+    would be non-finite; only then a second pass writes them."""
     P = flat.shape[0]
     acc = 0.0
     for j in range(P):
@@ -1368,36 +1539,35 @@ def clip_update_kernel(cfg, fcfg, flat, grad, opt_state, res):
                 grad[j] = -lim
                 n += 1
         res[R_CLIPPED] = 1 if n > 0 else 0
-    lr = fcfg[F_LR]
     m = opt_state[0]
     v = opt_state[1]
     opt = cfg[C_OPT]
-    if opt == 0:
-        mu = fcfg[F_MOM]
-        if mu != 0:
-            for j in range(P):
-                m[j] = mu * m[j] + grad[j]
-                flat[j] -= lr * m[j]
-        else:
-            for j in range(P):
-                flat[j] -= lr * grad[j]
-    elif opt == 1:
-        b1, b2, eps = fcfg[F_B1], fcfg[F_B2], fcfg[F_EPS]
+    lr, mu = fcfg[F_LR], fcfg[F_MOM]
+    b1, b2 = fcfg[F_B1], fcfg[F_B2]
+    step_size, bc2s = 0.0, 1.0
+    if opt == 1:
         step = cfg[C_STEP]
-        bc1 = 1 - b1 ** step
+        step_size = lr / (1 - b1 ** step)
         bc2s = math.sqrt(1 - b2 ** step)
-        step_size = lr / bc1
-        for j in range(P):
-            g = grad[j]
-            m[j] = b1 * m[j] + (1 - b1) * g
-            v[j] = b2 * v[j] + (1 - b2) * g * g
-            flat[j] -= step_size * m[j] / (math.sqrt(v[j]) / bc2s + eps)
-    else:
-        eps = fcfg[F_EPS]
-        for j in range(P):
-            g = grad[j]
-            m[j] = m[j] + g * g
-            flat[j] -= lr * g / (math.sqrt(m[j]) + eps)
+    k = (lr, mu, b1, b2, fcfg[F_EPS], step_size, bc2s)
+    write_m = opt != 0 or mu != 0
+    write_v = opt == 1
+    keep_m, keep_v = not write_m, not write_v
+    ok = True
+    for j in range(P):     # no early exit: the check runs at the speed of the update
+        pj, mj, vj = _updated(opt, j, flat, grad, m, v, k)
+        ok &= math.isfinite(pj) & (math.isfinite(mj) | keep_m) & (math.isfinite(vj) | keep_v)
+    if not ok:
+        res[R_SKIPPED] = 1
+        res[R_CLIPPED] = 0
+        return
+    for j in range(P):
+        pj, mj, vj = _updated(opt, j, flat, grad, m, v, k)
+        flat[j] = pj
+        if write_m:
+            m[j] = mj
+        if write_v:
+            v[j] = vj
 
 
 @njit(cache=True)
@@ -1406,20 +1576,7 @@ def train_step_kernel(cfg, fcfg, flat, grad, opt_state, batch, ws, state_n,
     """One fused training step: forward over time, loss, BPTT, clipping and
     the optimizer update. batch = (x, tok, lengths, state0, yi, yf).
     res receives loss, grad norm (before clipping), clipped, skipped."""
-    x, tok, lengths, state0, yi, yf = batch
-    T, B = cfg[C_T], cfg[C_B]
-    top = core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n)
-    readout_forward_kernel(cfg, flat, lengths, top, ws)
-    sz = _sections_of(cfg)
-    DH = cfg[C_D] * cfg[C_H]
-    dtop = _section(ws, sz, 6)[:T * B * DH].reshape((T, B, DH))
-    res[R_LOSS] = loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf,
-                                       grad, dtop)
-    dstate = np.zeros_like(state_n)
-    flow = np.empty(T, dtype=np.float64)
-    dx = x[:0]  # input gradient is not needed for training
-    core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate, grad,
-                         dx, dstate, flow, fcfg[F_SCLIP], dtop[:0])
+    res[R_LOSS] = grad_kernel(cfg, fcfg, flat, grad, batch, ws, state_n)
     clip_update_kernel(cfg, fcfg, flat, grad, opt_state, res)
 
 
@@ -1450,61 +1607,11 @@ _CLIPS = {None: 0, "norm": 1, "value": 2}
 _MODES = {"tanh": 0, "relu": 1, "sigmoid": 2, "lstm": 3}
 
 
-class _BlasThreads:
-    """Pins the BLAS that numba's np.dot calls (scipy's OpenBLAS) to one
-    thread for the duration of a kernel call, then restores the caller's
-    setting. If that library cannot be found, can_pin is False and the
-    kernels do not split work over cores themselves."""
-
-    def __init__(self):
-        self.can_pin = False
-        self._get = self._set = None
-        try:
-            import ctypes
-            import glob
-            import os
-
-            import scipy
-            libdir = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)),
-                                  "scipy.libs")
-            for path in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*"))):
-                if "64_" in os.path.basename(path):
-                    continue          # numpy's ILP64 build is not the one numba calls
-                lib = ctypes.CDLL(path)
-                self._get = lib.scipy_openblas_get_num_threads
-                self._set = lib.scipy_openblas_set_num_threads
-                self._get.restype = ctypes.c_int
-                self._set.argtypes = [ctypes.c_int]
-                self.can_pin = True
-                break
-        except Exception:
-            self.can_pin = False
-
-    def __call__(self, pin):
-        """Context manager: pin to one thread if `pin`, else change nothing."""
-        self._pin = pin and self.can_pin
-        return self
-
-    def __enter__(self):
-        if self._pin:
-            self._saved = self._get()
-            if self._saved != 1:
-                self._set(1)
-        return self
-
-    def __exit__(self, *exc):
-        if self._pin and self._saved != 1:
-            self._set(self._saved)
-        return False
-
-
-_BLAS = _BlasThreads()
-
-
 class _Ctx:
     """Per-caller state kept between calls: the workspace and the cfg array
     for the last shape, so a steady training loop allocates nothing."""
-    __slots__ = ("key", "cfg", "ws", "grad", "state_n", "res", "fcfg", "pin")
+    __slots__ = ("key", "cfg", "ws", "grad", "state_n", "res", "fcfg",
+                 "serial")
 
     def __init__(self):
         self.key = None
@@ -1514,15 +1621,23 @@ def _ctx(ctx):
     return ctx_state(ctx, "numba", _Ctx)
 
 
-def _mkl_config(cfg, spec, dtype, B, nc):
-    """Fill cfg's MKL slots for this shape; returns the elements of one
-    chunk's packing slot (0: no packing)."""
+def chunk_rows(B):
+    """Rows per chunk of the batch's fixed partition for the recurrences:
+    at most SPLIT chunks, each a multiple of 4 rows from B = 4 on (the
+    register blocks of _addmm_nt), one row each below. It depends on B only,
+    never on the thread count, so results do not either."""
+    if B < 4:
+        return 1
+    rc = -(-B // SPLIT)
+    return -(-rc // 4) * 4
+
+
+def _mkl_config(cfg, spec, dtype, flags, rc):
+    """Fill cfg's MKL slots for this shape with the MK_* flags chosen for
+    it (chunks of at most rc rows); returns the elements of one chunk's
+    packing slot (0: no packing)."""
     cfg[C_MKL:C_MKL + 6] = 0
-    if _GEMM != "mkl" or nc < 2:
-        return 0
-    flags = mkl_paths(B // nc, spec.H,     # the smallest chunk
-                      4 if spec.mode == "lstm" else 1)
-    if flags & (MK_FWD | MK_BWD) == 0:
+    if _GEMM != "mkl" or flags & (MK_FWD | MK_BWD) == 0:
         return 0
     t = np.dtype(dtype).char
     cfg[C_MKL] = flags
@@ -1533,13 +1648,43 @@ def _mkl_config(cfg, spec, dtype, B, nc):
     if not flags & MK_PACKED:
         return 0
     H, GH = spec.H, (4 if spec.mode == "lstm" else 1) * spec.H
-    m = -(-B // nc)                        # the largest chunk
+    m = rc                                 # the largest chunk
     nbytes = max(_MKL.pack_size(t, _B_MATRIX, m, GH, H),     # W_hh.T, forward
                  _MKL.pack_size(t, _B_MATRIX, m, H, GH))     # W_hh, backward
     isz = np.dtype(dtype).itemsize
     packn = -(-nbytes // isz) + 64 // isz  # + room to align the slot
     cfg[C_MKL_PACKN] = packn
     return packn
+
+
+def _make_cfg(spec, dtype, T, B, tok, flags):
+    """cfg for this shape with the MK_* flags `flags`, and the workspace
+    size (elements)."""
+    from .._spec import out_offsets, param_offsets
+    poff = param_offsets(spec)
+    cfg = np.zeros(C_POFF + poff.size, dtype=np.int64)
+    cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H] = T, B, spec.I, spec.H
+    cfg[C_L], cfg[C_D], cfg[C_MODE] = spec.L, spec.D, _MODES[spec.mode]
+    cfg[C_BIAS], cfg[C_TOK], cfg[C_O] = int(spec.bias), int(tok), spec.O
+    cfg[C_READOUT] = 1 if spec.readout == "last" else 0
+    cfg[C_LOSS] = 1 if spec.loss == "mse" else 0
+    cfg[C_FAST] = int(np.dtype(dtype) == np.float32)
+    # Work split over the cores: batch rows for the recurrences, in the
+    # fixed partition of chunk_rows (rows are independent); rows of the
+    # result for the one-off products (any split gives the same bits), over
+    # at most SPLIT of numba's threads.
+    rc = chunk_rows(B)
+    cfg[C_RC] = rc
+    cfg[C_NC] = -(-B // rc)
+    cfg[C_NCG] = max(1, min(numba.get_num_threads(), SPLIT))
+    cfg[C_PAR] = PAR_MACS
+    cfg[C_WOUT], cfg[C_BOUT] = out_offsets(spec)
+    cfg[C_POFF:] = poff.ravel()
+    packn = _mkl_config(cfg, spec, dtype, flags, rc)
+    G = 4 if spec.mode == "lstm" else 1
+    n = workspace_size(T, B, spec.I, spec.H, spec.L, spec.D, G, spec.O,
+                       int(spec.mode == "lstm"), int(tok), cfg[C_NC] * packn)
+    return cfg, n
 
 
 def _prepare(c, spec, flat, T, B, tok):
@@ -1550,40 +1695,11 @@ def _prepare(c, spec, flat, T, B, tok):
         raise ValueError("FASTRNN_MKL: expected 0, 1 or auto (unset), got "
                          f"{os.environ.get('FASTRNN_MKL')!r}")
     key = (spec, T, B, tok, flat.dtype, numba.get_num_threads(), PAR_MACS,
-           _GEMM, MKL_PACKED, MKL_FORCE, WS_ALIGN)
+           _GEMM, MKL_PACKED, MKL_FORCE, WS_ALIGN, _plan.enabled())
     if c.key == key:
         return
-    from .._spec import out_offsets, param_offsets
-    poff = param_offsets(spec)
-    cfg = np.zeros(C_POFF + poff.size, dtype=np.int64)
-    cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H] = T, B, spec.I, spec.H
-    cfg[C_L], cfg[C_D], cfg[C_MODE] = spec.L, spec.D, _MODES[spec.mode]
-    cfg[C_BIAS], cfg[C_TOK], cfg[C_O] = int(spec.bias), int(tok), spec.O
-    cfg[C_READOUT] = 1 if spec.readout == "last" else 0
-    cfg[C_LOSS] = 1 if spec.loss == "mse" else 0
-    cfg[C_FAST] = int(flat.dtype == np.float32)
-    cfg[C_SMALL] = SMALL_MACS
-    # Work split over the cores: batch rows for the recurrences (rows are
-    # independent), rows or partial sums for the one-off products. Only when
-    # BLAS can be pinned to one thread during our calls; otherwise BLAS keeps
-    # its own threads and the kernels run on one core (no oversubscription).
-    # At B = 1 there is nothing to split in the recurrence: the per-step
-    # product is then best left to BLAS with its own threads.
-    # Caps keep the chunks' row blocks and the partial-sum scratch (PART,
-    # (ncg-1) copies of a weight gradient) reasonable on many-core machines.
-    ncg = min(numba.get_num_threads(), MAX_SPLIT) if (_BLAS.can_pin and B >= 2) else 1
-    cfg[C_NCG] = ncg
-    cfg[C_NC] = max(1, min(ncg, B))
-    c.pin = ncg > 1
-    cfg[C_PAR] = PAR_MACS
-    cfg[C_WOUT], cfg[C_BOUT] = out_offsets(spec)
-    cfg[C_POFF:] = poff.ravel()
-    packn = _mkl_config(cfg, spec, flat.dtype, B, cfg[C_NC])
-    G = 4 if spec.mode == "lstm" else 1
-    n = workspace_size(T, B, spec.I, spec.H, spec.L, spec.D, G, spec.O,
-                       int(spec.mode == "lstm"), int(tok), ncg,
-                       cfg[C_NC] * packn)
-    c.cfg = cfg
+    flags, c.serial = choose(spec, flat.dtype, B, tok, T)
+    c.cfg, n = _make_cfg(spec, flat.dtype, T, B, tok, flags)
     c.ws = _aligned_zeros(n, flat.dtype, WS_ALIGN)
     c.grad = np.zeros_like(flat)
     c.state_n = np.zeros((2 if spec.mode == "lstm" else 1, spec.L * spec.D,
@@ -1591,6 +1707,206 @@ def _prepare(c, spec, flat, T, B, tok):
     c.res = np.zeros(4, dtype=np.float64)
     c.fcfg = np.zeros(8, dtype=np.float64)
     c.key = key
+
+
+class _Threads:
+    """Runs a kernel call on one of numba's threads when the plan chose
+    that (numba.set_num_threads is per calling thread: other threads and
+    the results are unaffected), else changes nothing."""
+
+    def __init__(self, serial):
+        self.serial = serial
+
+    def __enter__(self):
+        if self.serial:
+            self.prev = numba.get_num_threads()
+            numba.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.serial:
+            numba.set_num_threads(self.prev)
+        return False
+
+
+# ============================================================================
+# the measured plan (backends/_plan.py)
+# ============================================================================
+PLAN_T = 8             # time steps of the first, short synthetic step
+PLAN_STEP_S = 0.04     # longer steps (up to the shape's T) while this fast
+PLAN_BUDGET_S = 0.8    # planning one shape stops measuring after this long
+# another strategy replaces the default (loops, all threads) only when it
+# measured at least this much faster (timing noise must not flip choices)
+PLAN_MARGIN = 0.97
+
+
+def _num_threads():
+    """numba's thread count for this thread (what the plan is chosen for)."""
+    return numba.get_num_threads()
+
+
+def t_class(T):
+    """T rounded up to a power of 2: the plan's classes of sequence length
+    (T sets the size of the one-off products, so whether splitting them
+    over cores pays)."""
+    return 1 << max(0, int(T) - 1).bit_length()
+
+
+def shape_class(spec, dtype, B, tok, T):
+    """The plan's key of a shape (the read-out only scales the work)."""
+    cell = "lstm" if spec.mode == "lstm" else "rnn"
+    return (f"{cell}/{np.dtype(dtype).name}/B={B}/H={spec.H}/I={spec.I}/"
+            f"L={spec.L}/D={spec.D}/T~{t_class(T)}/{'tok' if tok else 'x'}/"
+            f"gemm={_GEMM}")
+
+
+def plan_candidates():
+    """The MK_* flags the plan chooses among: the loops (0), and with the
+    engine "mkl" MKL for the forward, the backward or both per-step
+    products."""
+    if _GEMM != "mkl":
+        return [0]
+    return [0, MK_FWD, MK_BWD, MK_FWD | MK_BWD]
+
+
+def _plan_version():
+    return _MKL.describe() if _MKL is not None else ""
+
+
+def choose(spec, dtype, B, tok, T):
+    """(MK_* flags, serial) for this shape: MKL_FORCE; the fixed default
+    (loops, all threads) when FASTRNN_PLAN=off or there is nothing to
+    choose; else the plan, measured now if this shape class is new."""
+    if MKL_FORCE is not None:
+        return MKL_FORCE, False
+    mks = plan_candidates()
+    nth = _num_threads()
+    if not _plan.enabled() or (len(mks) == 1 and nth == 1):
+        return 0, False
+    plan = _plan.get_plan(_plan_version())
+    key = shape_class(spec, dtype, B, tok, T)
+    e = plan.get(key)
+    ok = (e is not None and e.get("mkl") in mks
+          and isinstance(e.get("serial"), dict)
+          and isinstance(e["serial"].get(str(nth)), bool))
+    if not ok:
+        e = measure(spec, dtype, B, tok, mks, nth,
+                    e if e is not None and e.get("mkl") in mks else None,
+                    T=t_class(T))
+        plan.put(key, e)
+    return int(e["mkl"]), bool(e["serial"][str(nth)])
+
+
+def tune(cells, batches, hiddens, I=32, dtype="float32", replan=False, T=100):
+    """Plan (and compile for) each (cell, B, H) of the grid now; returns one
+    row per shape: the choice and the synthetic step's time."""
+    from .._spec import make_spec
+    dtype = np.dtype(dtype)
+    nth = _num_threads()
+    plan = _plan.get_plan(_plan_version()) if _plan.enabled() else None
+    rows = []
+    for cell in cells:
+        for B in batches:
+            for H in hiddens:
+                spec = make_spec("lstm" if cell == "lstm" else "tanh", I, H,
+                                 O=10)
+                if replan and plan is not None:
+                    key = shape_class(spec, dtype, B, False, T)
+                    if plan.get(key) is not None:
+                        plan.entries.pop(key, None)
+                mk, serial = choose(spec, dtype, B, False, T)
+                names = [n for f, n in ((MK_FWD, "fwd"), (MK_BWD, "bwd"))
+                         if mk & f]
+                rows.append(dict(
+                    cell=cell, B=B, H=H, mkl=mk,
+                    products=("mkl " + "+".join(names)) if names else "loops",
+                    threads="1" if serial else str(nth),
+                    ms=1e3 * time_strategy(spec, dtype, B, False, mk, serial)))
+    return rows
+
+
+def _synthetic(spec, dtype, T, B, tok):
+    """A training step's arguments for timing (SGD with lr 0: the
+    parameters do not move)."""
+    from .._spec import n_params
+    sp = spec.with_readout(max(spec.O, 1), "cross_entropy", "all")
+    rng = np.random.default_rng(0)
+    P = n_params(sp)
+    flat = (0.1 * rng.standard_normal(P)).astype(dtype)
+    if tok:
+        x = np.empty((0, 1), dtype=dtype)
+        ids = rng.integers(0, sp.I, T * B).astype(np.int64)
+    else:
+        x = rng.standard_normal((T * B, sp.I)).astype(dtype)
+        ids = np.empty(0, np.int64)
+    S = 2 if sp.mode == "lstm" else 1
+    state0 = np.zeros((S, sp.L * sp.D, B, sp.H), dtype=dtype)
+    batch = (x, ids, np.full(B, T, np.int64), state0,
+             np.zeros(T * B, np.int64), np.zeros((1, sp.O), dtype=dtype))
+    return sp, flat, batch
+
+
+def time_strategy(spec, dtype, B, tok, flags, serial, T=PLAN_T, reps=3,
+                  budget=None):
+    """Best time (s) of a synthetic training step of T steps with these
+    MK_* flags, on one thread if `serial`."""
+    import time
+    sp, flat, batch = _synthetic(spec, dtype, T, B, tok)
+    cfg, n = _make_cfg(sp, dtype, T, B, tok, flags)
+    ws = _aligned_zeros(n, dtype, WS_ALIGN)
+    grad = np.zeros_like(flat)
+    opt = np.zeros((2, flat.size), dtype=dtype)
+    state_n = np.zeros_like(batch[3])
+    res = np.zeros(4, dtype=np.float64)
+    fcfg = np.zeros(8, dtype=np.float64)
+    best = math.inf
+    t_end = None if budget is None else time.perf_counter() + budget
+    with _Threads(serial):
+        train_step_kernel(cfg, fcfg, flat, grad, opt, batch, ws, state_n, res)
+        for _ in range(reps):
+            t = time.perf_counter()
+            train_step_kernel(cfg, fcfg, flat, grad, opt, batch, ws, state_n,
+                              res)
+            best = min(best, time.perf_counter() - t)
+            if t_end is not None and time.perf_counter() > t_end:
+                break
+    return best
+
+
+def measure(spec, dtype, B, tok, mks, nth, known=None, T=PLAN_T):
+    """Time the candidates of one shape class: the MK_* flags (unless
+    `known` has them) on all threads, then serial or not with that choice;
+    within PLAN_BUDGET_S (after a first call that compiles the kernels if
+    needed), on synthetic steps of up to T steps (as long as one stays
+    under PLAN_STEP_S). Returns the plan entry."""
+    import time
+    time_strategy(spec, dtype, B, tok, 0, False, T=1, reps=0)
+    t0 = time.perf_counter()
+    short = time_strategy(spec, dtype, B, tok, 0, False, T=PLAN_T, reps=1)
+    Tp = int(min(max(T, 1), max(PLAN_T, PLAN_T * PLAN_STEP_S / max(short, 1e-9))))
+    times = {}
+    if known is not None:
+        best_mk = known["mkl"]
+        entry = dict(known, serial=dict(known.get("serial") or {}))
+    else:
+        for mk in mks:
+            left = PLAN_BUDGET_S - (time.perf_counter() - t0)
+            if times and left <= 0:
+                break
+            times[mk] = time_strategy(spec, dtype, B, tok, mk, False, T=Tp,
+                                      budget=left / max(1, len(mks) - len(times)))
+        best_mk = min(times, key=times.get)
+        if times[best_mk] > PLAN_MARGIN * times[0]:
+            best_mk = 0
+        entry = {"mkl": best_mk, "serial": {}, "T": Tp,
+                 "ms": {str(k): round(v * 1e3, 4) for k, v in times.items()}}
+    serial = False
+    if nth > 1 and time.perf_counter() - t0 < PLAN_BUDGET_S:
+        par = times.get(best_mk) or time_strategy(spec, dtype, B, tok, best_mk,
+                                                  False, T=Tp)
+        one = time_strategy(spec, dtype, B, tok, best_mk, True, T=Tp)
+        serial = one < PLAN_MARGIN * par
+    entry["serial"][str(nth)] = serial
+    return entry
 
 
 def _split_x(x, dtype):
@@ -1623,7 +1939,7 @@ def _begin(spec, flat, x, lengths, ctx):
 
 def core_forward(spec, flat, x, lengths, state0, ctx=None):
     c, T, B, x2, tok, lengths, state_n = _begin(spec, flat, x, lengths, ctx)
-    with _BLAS(c.pin):
+    with _Threads(c.serial):
         top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
                                   state_n)
     return top.copy(), state_n, (c, x2, tok, lengths, T, B, state_n.shape)
@@ -1642,7 +1958,7 @@ def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None,
     dstate_n = np.ascontiguousarray(dstate_n, dtype=flat.dtype)
     dcs = (dout[:0] if dcs is None or spec.mode != "lstm"
            else np.ascontiguousarray(dcs, dtype=flat.dtype))
-    with _BLAS(c.pin):
+    with _Threads(c.serial):
         core_backward_kernel(cfg, flat, x2, tok, lengths, c.ws, dout, dstate_n,
                              grad, dx, dstate0, flow,
                              0.0 if state_clip is None else float(state_clip),
@@ -1653,7 +1969,7 @@ def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None,
 
 def model_forward(spec, flat, x, lengths, state0, ctx=None):
     c, T, B, x2, tok, lengths, state_n = _begin(spec, flat, x, lengths, ctx)
-    with _BLAS(c.pin):
+    with _Threads(c.serial):
         top = core_forward_kernel(c.cfg, flat, x2, tok, lengths, state0, c.ws,
                                   state_n)
         z = readout_forward_kernel(c.cfg, flat, lengths, top, c.ws).copy()
@@ -1668,9 +1984,10 @@ def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
     cfg, f = c.cfg, c.fcfg
     _set_update(cfg, f, step, opt, hyper, clip, limit, state_clip)
     yi, yf = _targets(spec, y, flat.dtype)
-    with _BLAS(c.pin):
+    with _Threads(c.serial):
         train_step_kernel(cfg, f, flat, c.grad, opt_state,
-                          (x2, tok, lengths, state0, yi, yf), c.ws, state_n, c.res)
+                          (x2, tok, lengths, state0, yi, yf), c.ws, state_n,
+                          c.res)
     r = c.res
     return dict(loss=float(r[R_LOSS]), grad_norm=float(r[R_GNORM]),
                 clipped=bool(r[R_CLIPPED]), skipped=bool(r[R_SKIPPED]),
@@ -1683,9 +2000,9 @@ def gradient_flow(spec, flat, x, lengths, state0, y, ctx=None):
     flow = np.empty(T, dtype=np.float64)
     cfg = c.cfg.copy()
     cfg[C_SCLIP] = 0
-    with _BLAS(c.pin):
-        flow_kernel(cfg, flat, c.grad, (x2, tok, lengths, state0, yi, yf), c.ws,
-                    state_n, flow)
+    with _Threads(c.serial):
+        flow_kernel(cfg, flat, c.grad, (x2, tok, lengths, state0, yi, yf),
+                    c.ws, state_n, flow)
     return flow
 
 
@@ -1723,6 +2040,7 @@ def grad_kernel(cfg, fcfg, flat, grad, batch, ws, state_n):
     loss = loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf, grad,
                                 dtop)
     dstate = np.zeros_like(state_n)
+    # no input gradient (x[:0]) and no outside dL/dc_t (dtop[:0]) in training
     core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate, grad,
                          x[:0], dstate, np.empty(T, dtype=np.float64),
                          fcfg[F_SCLIP], dtop[:0])
@@ -1735,7 +2053,7 @@ def train_grad(spec, flat, x, lengths, state0, y, *, state_clip, ctx=None):
     cfg[C_SCLIP] = int(state_clip is not None)
     f[F_SCLIP] = 0.0 if state_clip is None else state_clip
     yi, yf = _targets(spec, y, flat.dtype)
-    with _BLAS(c.pin):
+    with _Threads(c.serial):
         loss = grad_kernel(cfg, f, flat, c.grad,
                            (x2, tok, lengths, state0, yi, yf), c.ws, state_n)
     return dict(loss=float(loss), grad=c.grad, state_n=state_n)

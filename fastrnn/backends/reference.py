@@ -290,8 +290,15 @@ def clip_and_update(grad, params, opt_state, step, *, opt, hyper, clip, limit):
 
     opt: "sgd" | "adam" | "adagrad"; hyper: dict of the optimizer's numbers;
     clip: None | "norm" | "value"; opt_state (2, P) moments; step: the
-    update's 1-based count. Returns (grad_norm, clipped).
+    update's 1-based count. Returns (grad_norm, clipped). IEEE arithmetic
+    throughout: 0/0 is NaN, overflow inf (train_step checks the result).
     """
+    with np.errstate(all="ignore"):
+        return _clip_and_update(grad, params, opt_state, step, opt=opt, hyper=hyper,
+                                clip=clip, limit=limit)
+
+
+def _clip_and_update(grad, params, opt_state, step, *, opt, hyper, clip, limit):
     gnorm = float(np.sqrt(np.sum(grad.astype(np.float64) ** 2)))
     clipped = False
     if clip == "norm" and gnorm > limit:
@@ -349,8 +356,9 @@ def loss_and_grad(spec, flat, x, lengths, state0, y, state_clip=None):
 def train_step(spec, flat, opt_state, step, x, lengths, state0, y, *,
                opt, hyper, clip, limit, state_clip, ctx=None):
     """One training step. Updates flat/opt_state in place unless the loss or
-    gradient is not finite. Returns dict(loss, grad_norm, clipped, skipped,
-    state_n, grad)."""
+    gradient is not finite, or the update would make a parameter or moment
+    non-finite (the update is computed on copies and applied whole or not at
+    all). Returns dict(loss, grad_norm, clipped, skipped, state_n, grad)."""
     r = train_grad(spec, flat, x, lengths, state0, y, state_clip=state_clip)
     u = apply_update(spec, flat, opt_state, step, r["grad"], r["loss"], opt=opt,
                      hyper=hyper, clip=clip, limit=limit)
@@ -378,6 +386,9 @@ def apply_update(spec, flat, opt_state, step, grad, loss, *, opt, hyper, clip,
     g = grad.copy()
     gnorm, clipped = clip_and_update(g, new_params, new_state, step, opt=opt,
                                      hyper=hyper, clip=clip, limit=limit)
+    rows = {"sgd": 1 if hyper.get("momentum", 0) else 0, "adam": 2, "adagrad": 1}[opt]
+    if not (np.all(np.isfinite(new_params)) and np.all(np.isfinite(new_state[:rows]))):
+        return dict(grad_norm=gnorm, clipped=False, skipped=True, grad=grad)
     flat[:] = new_params
     opt_state[:] = new_state
     grad[:] = g

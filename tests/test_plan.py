@@ -1,0 +1,206 @@
+"""The numba backend's measured plan (backends/_plan.py): every strategy it
+can choose computes the reference's training step; the plan file is keyed
+by machine and versions, a foreign or corrupt one is ignored with a warning,
+FASTRNN_PLAN=off touches nothing; `fastrnn tune` plans a grid."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import fastrnn as fr
+from _layer_oracle import make_layer
+from conftest import assert_close
+
+try:
+    from fastrnn.backends import _mkl, _plan
+    from fastrnn.backends import numba_cpu as nb
+except Exception as e:  # numba missing: nothing of this file applies
+    pytest.skip(f"numba backend not importable: {e}", allow_module_level=True)
+
+MKL_OK = _mkl.status()[0]
+STRATEGIES = [(0, False), (0, True)]
+if MKL_OK:
+    STRATEGIES += [(f, s) for f in (nb.MK_FWD, nb.MK_BWD, nb.MK_FWD | nb.MK_BWD)
+                   for s in (False, True)]
+
+
+@pytest.fixture
+def plan_dir(tmp_path, monkeypatch):
+    """A fresh, empty plan directory for the test (and the plan reloaded)."""
+    monkeypatch.setenv("FASTRNN_PLAN_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTRNN_PLAN", raising=False)
+    _plan.reset()
+    yield tmp_path
+    _plan.reset()
+
+
+@pytest.mark.parametrize("flags,serial", STRATEGIES,
+                         ids=[f"mk{f}-{'serial' if s else 'par'}" for f, s in STRATEGIES])
+@pytest.mark.parametrize("mode", ["tanh", "lstm"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_strategy_matches_reference(monkeypatch, flags, serial, mode, dtype):
+    """Three Adam + ClipNorm steps with lengths and a carried state, 2 layers
+    bidirectional, at B = 5 (chunks of 4 and 1 rows) and B = 1, on each
+    strategy the plan can pick, against the NumPy reference."""
+    if flags:
+        monkeypatch.setattr(nb, "_GEMM", "mkl")
+    monkeypatch.setattr(nb, "choose", lambda *a: (flags, serial))
+    T, I, H, O = 6, 3, 9, 4
+    for B, lengths in ((5, np.array([6, 2, 6, 1, 4])), (1, np.array([5]))):
+        res = {}
+        for backend in ("numpy", "numba"):
+            core = make_layer(mode, I, H, 2, True, dtype, backend, seed=3)
+            model = fr.SequenceModel(core, O)
+            step = fr.TrainStep(model, fr.Adam(0.02), clip=fr.ClipNorm(0.5))
+            rng = np.random.default_rng(B)
+            hx, out = None, []
+            for _ in range(3):
+                x = rng.standard_normal((T, B, I))
+                y = rng.integers(0, O, (T, B))
+                r = step(x, y, hx=hx, lengths=lengths)
+                hx = r.hx
+                out.append(r)
+            res[backend] = (out, model.state_dict())
+            if backend == "numba":
+                c = step._ctx["numba"]
+                assert int(c.cfg[nb.C_MKL]) == (flags if nb._GEMM == "mkl" else 0)
+                assert c.serial == serial
+        (ra, pa), (rb, pb) = res["numpy"], res["numba"]
+        for a, b in zip(ra, rb):
+            assert_close(b.loss, a.loss, dtype, "loss")
+            assert_close(b.grad_norm, a.grad_norm, dtype, "grad_norm")
+        for k in pa:
+            assert_close(pb[k], pa[k], dtype, k)
+
+
+def _spec(H=8, mode="lstm"):
+    from fastrnn._spec import make_spec
+    return make_spec(mode, 3, H, O=2)
+
+
+def test_new_shape_is_measured_once_and_saved(plan_dir, monkeypatch):
+    calls = []
+    real = nb.measure
+
+    def counting(*a, **k):
+        calls.append(a[:3])
+        return real(*a, **k)
+
+    monkeypatch.setattr(nb, "measure", counting)
+    monkeypatch.setattr(nb, "plan_candidates", lambda: [0])
+    monkeypatch.setattr(nb, "_num_threads", lambda: 2)
+    spec = _spec()
+    choice = nb.choose(spec, np.float32, 16, False, 10)
+    assert choice[0] == 0 and isinstance(choice[1], bool)
+    assert nb.choose(spec, np.float32, 16, False, 10) == choice
+    assert len(calls) == 1
+    files = list(plan_dir.glob("fastrnn-plan-*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    key = nb.shape_class(spec, np.float32, 16, False, 10)
+    assert data["entries"][key]["serial"] == {"2": choice[1]}
+    assert data["key"] == _plan.machine_key(nb._plan_version())
+    # a new process (the plan reloaded from disk) does not measure again
+    _plan.reset()
+    assert nb.choose(spec, np.float32, 16, False, 10) == choice
+    assert len(calls) == 1
+    # another thread count: only serial-or-not is measured, MKL choice kept
+    monkeypatch.setattr(nb, "_num_threads", lambda: 4)
+    nb.choose(spec, np.float32, 16, False, 10)
+    assert len(calls) == 2
+    data = json.loads(files[0].read_text())
+    assert set(data["entries"][key]["serial"]) == {"2", "4"}
+
+
+def test_plan_time_is_bounded(plan_dir):
+    """Planning one shape (the kernels already compiled) stays under 1 s."""
+    import time
+    spec = _spec(H=64)
+    nb.time_strategy(spec, np.float32, 16, False, 0, False, T=1, reps=0)
+    t = time.perf_counter()
+    nb.measure(spec, np.float32, 16, False, nb.plan_candidates(), 2, T=128)
+    assert time.perf_counter() - t < 1.5   # budget 0.8 s + one last timing
+
+
+def test_foreign_plan_is_ignored_with_warning(plan_dir):
+    key = _plan.machine_key(nb._plan_version())
+    plan = _plan.Plan(key)
+    plan.put("x", {"mkl": 0, "serial": {"1": False}})
+    other = dict(key, cpu="Some Other CPU", numba="0.1")
+    with pytest.warns(RuntimeWarning, match="made for"):
+        p2 = _plan.Plan(other, path=plan.path)
+    assert p2.entries == {}
+    p2.put("y", {"mkl": 0, "serial": {"1": True}})     # replaced, new key
+    data = json.loads(open(plan.path).read())
+    assert data["key"] == other and set(data["entries"]) == {"y"}
+    with pytest.warns(RuntimeWarning, match="made for"):
+        assert _plan.Plan(key, path=plan.path).entries == {}
+
+
+def test_version_change_selects_another_file(plan_dir, monkeypatch):
+    """The file name carries a digest of the key: an upgrade starts a new
+    plan instead of reusing choices measured with other kernels."""
+    key = _plan.machine_key(nb._plan_version())
+    a = _plan.Plan(key)
+    b = _plan.Plan(dict(key, fastrnn=key["fastrnn"] + ".post1"))
+    assert a.path != b.path
+
+
+@pytest.mark.parametrize("content", ["{not json", "", "[1, 2]",
+                                     '{"key": 1, "entries": 5}'])
+def test_corrupt_plan_is_ignored_with_warning(plan_dir, content):
+    key = _plan.machine_key(nb._plan_version())
+    path = _plan.Plan(key).path
+    with open(path, "w") as f:
+        f.write(content)
+    with pytest.warns(RuntimeWarning, match="plan file"):
+        p = _plan.Plan(key)
+    assert p.entries == {}
+    p.put("z", {"mkl": 0, "serial": {"1": False}})
+    assert json.loads(open(path).read())["entries"]["z"]["mkl"] == 0
+
+
+def test_bad_entry_is_measured_again(plan_dir, monkeypatch):
+    """An entry whose MKL flags are not a candidate here (made with MKL,
+    read without) is measured again, not used."""
+    monkeypatch.setattr(nb, "plan_candidates", lambda: [0])
+    monkeypatch.setattr(nb, "_num_threads", lambda: 2)
+    spec = _spec()
+    plan = _plan.get_plan(nb._plan_version())
+    plan.put(nb.shape_class(spec, np.float64, 8, False, 10),
+             {"mkl": 3, "serial": {"2": True}})
+    assert nb.choose(spec, np.float64, 8, False, 10)[0] == 0
+
+
+def test_plan_off_uses_default_and_writes_nothing(plan_dir, monkeypatch):
+    monkeypatch.setenv("FASTRNN_PLAN", "off")
+    monkeypatch.setattr(nb, "_num_threads", lambda: 2)
+    assert nb.choose(_spec(), np.float32, 16, False, 10) == (0, False)
+    assert list(plan_dir.iterdir()) == []
+    assert "FASTRNN_PLAN=off" in nb.plan_where()
+
+
+def test_available_says_where_the_plan_lives(plan_dir):
+    ok, why = nb.available()
+    assert ok and "plan: " + str(plan_dir) in why
+
+
+def test_tune_cli_prints_the_choices(plan_dir, capsys):
+    from fastrnn.cli import main
+    assert main(["tune", "--cells", "rnn", "--batches", "1,4",
+                 "--hiddens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert str(plan_dir) in out
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("rnn")]
+    assert [(r[1], r[2]) for r in rows] == [("1", "8"), ("4", "8")]
+    assert list(plan_dir.glob("fastrnn-plan-*.json"))
+    with pytest.raises(SystemExit):
+        main(["tune", "--batches", "0"])
+
+
+def test_tune_cli_with_plan_off(monkeypatch, capsys):
+    monkeypatch.setenv("FASTRNN_PLAN", "off")
+    from fastrnn.cli import main
+    assert main(["tune", "--cells", "rnn", "--batches", "1", "--hiddens", "8"]) == 0
+    assert "FASTRNN_PLAN is off" in capsys.readouterr().out
