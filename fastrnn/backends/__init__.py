@@ -31,11 +31,12 @@ host access. A backend with ``DEVICE_INPUTS = True`` receives device arrays
 from the layers as _validate.DeviceSeq (validated shape, read in place).
 
 The layers pick one by name; nothing outside this package knows how a kernel
-works. Not every backend has every cell yet: ``_LACKS`` lists the cell modes
-a backend does not implement (the GRU is in the NumPy reference, the C
-and the CUDA backends, not yet in numba); asking such a backend for that cell raises
-RuntimeError, and "auto" resolves to the first backend that has it. Modules are imported lazily so that a missing optional dependency
-(numba, the C extension, numba-cuda) only disables its backend.
+works. A new cell may reach the backends one at a time: ``_LACKS`` lists
+the cell modes a backend does not implement (none at present); asking such
+a backend for that cell raises RuntimeError, and "auto" resolves to the
+first backend that has it. Modules are imported lazily so that a missing
+optional dependency (numba, the C extension, numba-cuda) only disables its
+backend.
 """
 import importlib
 
@@ -44,7 +45,7 @@ _MODULES = {"numpy": ".reference", "numba": ".numba_cpu", "c": ".c",
             "cuda": ".cuda"}
 _cache = {}
 # cell modes a backend does not implement yet
-_LACKS = {"numba": ("gru",)}
+_LACKS = {}
 
 
 def _load(name):
