@@ -2,7 +2,7 @@
 # CI for the CUDA backend without a GPU (docs/cuda.md). Expects the package
 # installed as .ci/run does it; adds numba-cuda.
 #  1. Every test parametrised over backends, for "cuda" (-k cuda), and
-#     tests/test_cuda.py, under numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1:
+#     tests/test_cuda.py and benchmarks/test_gpu_bench.py, under numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1:
 #     kernels run as Python threads, one block after another). 3-5 minutes
 #     on 2 cores.
 #  2. Every kernel compiled for a real GPU (PTX for sm_90 through NVVM, then
@@ -21,6 +21,8 @@ print("cuda backend:", ok, why)
 assert ok, f"the cuda backend should run under the simulator: {why}"
 PYEOF
 NUMBA_ENABLE_CUDASIM=1 $PY -m pytest tests/ -k cuda -q
+# benchmarks/gpu_bench.py end to end on tiny shapes (its own test, beside it)
+NUMBA_ENABLE_CUDASIM=1 $PY -m pytest benchmarks/test_gpu_bench.py -q
 
 if [ "${CUDA_PTX_CHECK:-1}" != "0" ]; then
     $PY -m pip install --quiet "nvidia-cuda-nvcc-cu12>=12.4,<13" \

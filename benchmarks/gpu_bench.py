@@ -67,7 +67,6 @@ CELLS = ("rnn", "lstm")
 BATCHES = (1, 4, 16, 64)
 HIDDENS = (128, 256, 512, 1024)
 RTOL, UPDATE_RTOL = 1e-4, 1e-3
-OUT_KEYS = ("weight_out", "bias_out")
 RESULTS_DIR = os.path.join(_ROOT, "benchmarks", "results")
 
 
@@ -233,42 +232,21 @@ def make_fastrnn(cell, H, ref):
 
 def make_torch(cell, H, ref, device, tf32):
     import torch
-    import torch.nn.functional as F
+
+    from fastrnn._torch_ref import TorchTrainStep
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    dev = torch.device(device)
-    core = (torch.nn.RNN(I, H, nonlinearity="tanh") if cell == "rnn"
-            else torch.nn.LSTM(I, H)).to(device=dev, dtype=torch.float32)
-    lin = torch.nn.Linear(H, O).to(device=dev, dtype=torch.float32)
-    w0 = ref["w0"]
-    core.load_state_dict({k: torch.from_numpy(np.array(v)).to(dev)
-                          for k, v in w0.items() if k not in OUT_KEYS})
-    with torch.no_grad():
-        lin.weight.copy_(torch.from_numpy(np.array(w0["weight_out"])))
-        lin.bias.copy_(torch.from_numpy(np.array(w0["bias_out"])))
-    opt = torch.optim.SGD(list(core.parameters()) + list(lin.parameters()), lr=LR)
-    xt = torch.from_numpy(np.array(ref["x"])).to(dev)
-    yt = torch.from_numpy(np.array(ref["y"])).reshape(-1).to(dev)
-    B = xt.shape[1]
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    step = TorchTrainStep(cell, I, H, O, ref["w0"], nonlinearity="tanh",
+                          dtype=DTYPE, device=device, optimizer="sgd", lr=LR)
+    xt, yt = step.tensors(ref["x"], ref["y"])
+    sync = torch.cuda.synchronize if step.device.type == "cuda" else (lambda: None)
 
     def run():
-        opt.zero_grad()
-        out, _ = core(xt)
-        loss = F.cross_entropy(lin(out).reshape(-1, O), yt, reduction="sum") / B
-        loss.backward()
-        opt.step()
-        value = loss.item()
+        value = step(xt, yt)
         sync()
         return value
 
-    def state():
-        d = {k: v.detach().cpu().numpy().copy() for k, v in core.state_dict().items()}
-        d["weight_out"] = lin.weight.detach().cpu().numpy().copy()
-        d["bias_out"] = lin.bias.detach().cpu().numpy().copy()
-        return d
-
-    return run, state
+    return run, step.state_dict
 
 
 def time_steps(run, warmup, steps):

@@ -213,6 +213,39 @@ def plot(table, path):
     return True
 
 
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+def step_flops(cell, B, H, T=100, I=32, O=10):
+    """Multiply-add FLOPs (2 per multiply-add) of one training step of one
+    layer: forward input projection and recurrence (2*T*B*G*H*(I + H)),
+    backward dW_ih, dgates.W_hh and dW_hh (2*T*B*G*H*(I + 2H)), read-out
+    forward, dW_out and dh (6*T*B*H*O). No input gradient (it is not needed)."""
+    G = GATES.get(cell, 1)
+    return 2 * T * B * G * H * (2 * I + 3 * H) + 6 * T * B * H * O
+
+
+def peak_lines(data, table):
+    """The sgemm peak of the run (benchmarks/test_bench_peak.py) and each
+    cell's largest point of the fastest fastrnn backend as a share of it."""
+    peak = [b for b in data["benchmarks"]
+            if (b.get("extra_info") or {}).get("kind") == "gemm_peak"]
+    if not peak:
+        return []
+    info = peak[0]["extra_info"]
+    gf = info["flops"] / peak[0]["stats"]["median"] / 1e9
+    lines = [f"fp32 GEMM peak of this run (numpy sgemm n={info['n']}): {gf:.0f} GFLOP/s", ""]
+    for cell in sorted(table, key=_cell_order):
+        B, H = max(table[cell])
+        times = table[cell][(B, H)]
+        for backend in REFERENCES:
+            if backend in times:
+                g = step_flops(cell, B, H) / times[backend] / 1e9
+                lines.append(f"- {cell} B={B} H={H} {backend}: {g:.0f} GFLOP/s, "
+                             f"{g / gf:.0%} of the sgemm peak")
+    return lines + [""]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", help="pytest-benchmark JSON (--benchmark-json)")
@@ -228,6 +261,7 @@ def main(argv=None):
         lines.append("(no fastrnn training-step benchmarks in this file)")
     for cell in sorted(table, key=_cell_order):
         lines += cell_table(cell, table[cell])
+    lines += peak_lines(data, table)
     text = "\n".join(lines).rstrip() + "\n"
     print(text, end="")
 

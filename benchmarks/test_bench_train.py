@@ -35,10 +35,10 @@ import numpy as np
 import pytest
 
 import fastrnn as fr
+from fastrnn._torch_ref import TorchTrainStep
 
 try:
     import torch
-    import torch.nn.functional as F
 except ImportError:  # PyTorch is optional: its cases are skipped
     torch = None
 
@@ -49,7 +49,6 @@ NONLINEARITY = "tanh"
 BATCHES = (1, 16, 64)
 HIDDENS = (32, 128, 512)
 CELLS = ("rnn", "lstm", "gru")
-OUT_KEYS = ("weight_out", "bias_out")
 
 # Tolerances of the pre-timing check, by dtype (relative; absolute floor =
 # the same number times max|reference|).
@@ -200,41 +199,10 @@ def make_fastrnn(cell, backend, B, H, x, y, w0):
 
 
 def make_torch(cell, backend, B, H, x, y, w0):
-    core_cls = {"rnn": lambda: torch.nn.RNN(I, H, nonlinearity=NONLINEARITY),
-                "lstm": lambda: torch.nn.LSTM(I, H),
-                "gru": lambda: torch.nn.GRU(I, H)}[cell]
-    tdtype = {np.dtype(np.float32): torch.float32,
-              np.dtype(np.float64): torch.float64}[np.dtype(DTYPE)]
-    core = core_cls().to(tdtype)
-    lin = torch.nn.Linear(H, O).to(tdtype)
-    core.load_state_dict({k: torch.from_numpy(np.array(v))
-                          for k, v in w0.items() if k not in OUT_KEYS})
-    with torch.no_grad():
-        lin.weight.copy_(torch.from_numpy(np.array(w0["weight_out"])))
-        lin.bias.copy_(torch.from_numpy(np.array(w0["bias_out"])))
-    opt = torch.optim.SGD(list(core.parameters()) + list(lin.parameters()),
-                          lr=LR)
-    xt = torch.from_numpy(np.array(x))
-    yt = torch.from_numpy(np.array(y)).reshape(-1)
-
-    def step(xt, yt):
-        opt.zero_grad()
-        out, _ = core(xt)
-        z = lin(out)
-        loss = F.cross_entropy(z.reshape(-1, O), yt, reduction="sum") / B
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    def state_fn():
-        d = {k: v.detach().cpu().numpy().copy()
-             for k, v in core.state_dict().items()}
-        d["weight_out"] = lin.weight.detach().cpu().numpy().copy()
-        d["bias_out"] = lin.bias.detach().cpu().numpy().copy()
-        return d
-
+    step = TorchTrainStep(cell, I, H, O, w0, nonlinearity=NONLINEARITY,
+                          dtype=DTYPE, optimizer="sgd", lr=LR)
     info = {"threads": torch.get_num_threads()}
-    return step, step, (xt, yt), state_fn, info
+    return step, step, step.tensors(x, y), step.state_dict, info
 
 
 def make_impl(cell, backend, B, H, x, y, w0):

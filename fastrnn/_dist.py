@@ -25,6 +25,7 @@ the same message), then take rank 0's parameters, optimizer state and step
 count (Bcast).
 """
 import sys
+import time
 
 import numpy as np
 
@@ -119,6 +120,9 @@ def _abort_on_uncaught(comm):
                          f"stopped on {kind.__name__}; aborting every rank "
                          "(MPI_Abort) so that none waits for it\n")
         sys.stderr.flush()
+        # MPI_Abort ends every process at once: give the launcher's output
+        # forwarding a moment, or the traceback above may never be shown
+        time.sleep(0.5)
         comm.Abort(1)
 
     sys.excepthook = hook

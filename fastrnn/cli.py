@@ -1,4 +1,4 @@
-"""The ``fastrnn`` command line (also ``python -m fastrnn``).
+"""The fastrnn command line (also: python -m fastrnn).
 
   fastrnn train      train one model on a task; with no options: an LSTM with
                      gradient norm clipping on the adding problem, T=100
@@ -9,6 +9,7 @@
                      PyTorch (when installed)
   fastrnn backends   which backends are available, and why not
   fastrnn plot       (re)draw the picture of a run directory
+  fastrnn tune       plan the numba backend's kernels for this machine
 """
 import argparse
 import errno
@@ -19,6 +20,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -28,6 +30,7 @@ from . import tasks as _tasks
 from .checkpoint import RUN_CHECKPOINT
 
 CHECKPOINT = RUN_CHECKPOINT
+COMPILE_NOTICE_S = 2.0   # the first calls taking longer: say that kernels compile
 METRICS = "metrics.jsonl"
 PICTURE = "training.png"
 
@@ -649,8 +652,19 @@ def _train_loop(cfg, out, task, model, ts, checkpoint, test, flow_batch, state,
             raise
         state["saved"] = True
 
-    if start == 0:
-        gradient_flow_record(metrics, model, *flow_batch, 0)
+    # the first compiled calls of a process compile the kernels (first run
+    # after install: about a minute) or load them from Numba's cache
+    t_warm = time.perf_counter()
+    notice = threading.Timer(COMPILE_NOTICE_S, say,
+                             ["compiling kernels (one time, about a minute) ..."])
+    notice.daemon = True
+    notice.start()
+    try:
+        if start == 0:
+            gradient_flow_record(metrics, model, *flow_batch, 0)
+    except BaseException:
+        notice.cancel()
+        raise
     desc = title or task.name
     bar = make_progress(progress, steps, start, desc, stream)
     t0 = time.perf_counter()
@@ -670,6 +684,12 @@ def _train_loop(cfg, out, task, model, ts, checkpoint, test, flow_batch, state,
             if par is not None:
                 x, y = par.local_batch(task, x, y)
             r = ts(x, y, hx=None if reset else carry)
+            if notice is not None:    # training time starts after the first step
+                notice.cancel()
+                notice = None
+                now = time.perf_counter()
+                warm_s = now - t_warm
+                sec0 -= now - t0
             i += 1
             state["i"] = i
             if task.stateful:
@@ -744,6 +764,8 @@ def _train_loop(cfg, out, task, model, ts, checkpoint, test, flow_batch, state,
                 counters["seconds"] = sec0 + time.perf_counter() - t0
                 save(i)
     finally:
+        if notice is not None:
+            notice.cancel()
         _restore_sigint(old_handler)
         bar.close()
     metrics.writelines(lines)
@@ -760,10 +782,13 @@ def _train_loop(cfg, out, task, model, ts, checkpoint, test, flow_batch, state,
     save(i)
     metrics.close()
     seconds = counters["seconds"]
+    if notice is not None:      # no step ran in this process
+        warm_s = 0.0
     summary = dict(task=task.name, T=cfg["T"], cell=cfg["cell"],
                    nonlinearity=cfg["nonlinearity"] if cfg["cell"] == "rnn" else None,
                    init=cfg["init"], hidden=cfg["hidden"], steps=i,
                    seconds=round(seconds, 2), steps_per_s=round(i / max(seconds, 1e-9), 1),
+                   startup_seconds=round(warm_s, 2),
                    metric_name=task.metric_name, test_metric=metric,
                    baseline=task.baseline, threshold=task.threshold,
                    solved=task.solved(metric), solved_at=counters["solved_at"],
@@ -809,7 +834,9 @@ def print_summary(s, say):
     if s["threshold"] is not None:
         crit.append(f"solved below {s['threshold']:g}")
     m = s["test_metric"]
-    say(f"done: {s['steps']} steps in {s['seconds']:.1f} s ({s['steps_per_s']:.0f} steps/s)")
+    say(f"done: {s['steps']} steps in {s['seconds']:.1f} s of training "
+        f"({s['steps_per_s']:.0f} steps/s), after {s['startup_seconds']:.1f} s of "
+        "compiling or loading the kernels (the first calls)")
     say(f"{s['metric_name']} {m:.5g}" + (f" ({', '.join(crit)})" if crit else "")
         + (f": {verdict}" if verdict else "")
         + (f" at step {s['solved_at']}" if s["solved"] and s["solved_at"] else ""))
@@ -1252,30 +1279,10 @@ def _bench_case(cell, T, B, I, H, seconds, names, use_torch):
 def _bench_torch(cell, x, y, params, I, H, seconds):
     """The same step in PyTorch: nn.RNN/nn.LSTM/nn.GRU + nn.Linear + summed
     cross-entropy / B + clip_grad_norm_ + Adam, from the same parameters."""
-    import torch
-    T, B, _ = x.shape
-    core = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](I, H)
-    lin = torch.nn.Linear(H, I)
-    with torch.no_grad():
-        for k, p in core.named_parameters():
-            p.copy_(torch.from_numpy(params[k]))
-        lin.weight.copy_(torch.from_numpy(params["weight_out"]))
-        lin.bias.copy_(torch.from_numpy(params["bias_out"]))
-    ps = list(core.parameters()) + list(lin.parameters())
-    opt = torch.optim.Adam(ps, lr=1e-3)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y).reshape(-1)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        out, _ = core(xt)
-        z = lin(out).reshape(T * B, I)
-        loss = torch.nn.functional.cross_entropy(z, yt, reduction="sum") / B
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ps, 1.0)
-        opt.step()
-        return loss.detach().item()
-
-    return _time(step, seconds)
+    from ._torch_ref import TorchTrainStep
+    step = TorchTrainStep(cell, I, H, I, params, optimizer="adam", lr=1e-3, clip_norm=1.0)
+    xt, yt = step.tensors(x, y)
+    return _time(lambda: step(xt, yt), seconds)
 
 
 def _ms(v):

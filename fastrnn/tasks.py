@@ -41,7 +41,8 @@ class Task:
     test_size = 1000
 
     def batch(self, rng, B):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}: a task defines "
+                                  "batch(rng, B) -> (x, y)")
 
     def train_batch(self, rng, B, step):
         x, y = self.batch(rng, B)
@@ -57,7 +58,8 @@ class Task:
         return self.batch(np.random.default_rng([_seed(seed), 0xf10]), B)
 
     def metric(self, z, y):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}: a task defines "
+                                  "metric(z, y) -> float")
 
     def evaluate(self, model, test, chunk=2000):
         """The metric of `model` on `test`, forward only, in chunks of sequences."""

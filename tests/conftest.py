@@ -23,6 +23,13 @@ def assert_close(actual, expected, dtype=None, err_msg=""):
                                atol=rtol * max(scale, 1e-30), err_msg=err_msg)
 
 
+def short_reason(why):
+    """The head of an availability reason, for skip messages (which pytest
+    repeats per test location): without the list of what was tried, up to
+    the first full stop. The whole reason is in fr.available_backends()."""
+    return why.split("; tried ")[0].split(". ")[0]
+
+
 def _available(name):
     return fr.available_backends()[name][0]
 
@@ -35,7 +42,7 @@ def fast_backend(request):
     """Every non-reference backend; skips (with the reason) when unavailable."""
     ok, why = fr.available_backends()[request.param]
     if not ok:
-        pytest.skip(f"backend {request.param!r} unavailable: {why}")
+        pytest.skip(f"backend {request.param!r} unavailable: {short_reason(why)}")
     return request.param
 
 
@@ -44,5 +51,5 @@ def backend(request):
     """Every backend including the reference."""
     ok, why = fr.available_backends()[request.param]
     if not ok:
-        pytest.skip(f"backend {request.param!r} unavailable: {why}")
+        pytest.skip(f"backend {request.param!r} unavailable: {short_reason(why)}")
     return request.param

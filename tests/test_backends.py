@@ -6,55 +6,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fastrnn as fr
+from _layer_oracle import compare_layer, flat_state, make_layer, train_run
 from conftest import assert_close
 from fastrnn import backends
 
 MODES = ["tanh", "relu", "sigmoid", "lstm", "gru"]
-
-
-def _layer(mode, I, H, L, bidir, bias, dtype, backend, batch_first=False, seed=0):
-    if not backends.supports(backend, mode):
-        pytest.skip(f"backend {backend!r} does not implement the {mode} cell yet")
-    kw = dict(num_layers=L, bias=bias, batch_first=batch_first, bidirectional=bidir,
-              dtype=dtype, seed=seed, backend=backend)
-    if mode == "lstm":
-        return fr.LSTM(I, H, **kw)
-    if mode == "gru":
-        return fr.GRU(I, H, **kw)
-    return fr.RNN(I, H, nonlinearity=mode, **kw)
-
-
-def _flatten_state(s):
-    return np.concatenate([np.ravel(a) for a in s]) if isinstance(s, tuple) else np.ravel(s)
-
-
-def _compare_layers(fast_backend, mode, T, B, I, H, L, bidir, bias, dtype, lengths,
-                    tokens, batch_first, seed):
-    rng = np.random.default_rng(seed)
-    a = _layer(mode, I, H, L, bidir, bias, dtype, "numpy", batch_first, seed)
-    b = _layer(mode, I, H, L, bidir, bias, dtype, fast_backend, batch_first, seed)
-    D = 2 if bidir else 1
-    shape = (B, T) if batch_first else (T, B)
-    x = rng.integers(0, I, shape) if tokens else rng.standard_normal(shape + (I,))
-    h0 = rng.standard_normal((L * D, B, H)) * 0.5
-    hx = (h0, rng.standard_normal((L * D, B, H)) * 0.5) if mode == "lstm" else h0
-    oa, ha = a(x, hx, lengths=lengths)
-    ob, hb = b(x, hx, lengths=lengths)
-    assert_close(ob, oa, dtype, "out")
-    assert_close(_flatten_state(hb), _flatten_state(ha), dtype, "h_n")
-    go = rng.standard_normal(oa.shape)
-    gh = rng.standard_normal((L * D, B, H))
-    ghn = (gh, rng.standard_normal(gh.shape)) if mode == "lstm" else gh
-    dxa, dha = a.backward(go, ghn)
-    dxb, dhb = b.backward(go, ghn)
-    if tokens:
-        assert dxa is None and dxb is None
-    else:
-        assert_close(dxb, dxa, dtype, "grad_x")
-    assert_close(_flatten_state(dhb), _flatten_state(dha), dtype, "grad_hx")
-    assert set(a.grads) == set(b.grads) == set(a.state_dict())
-    for k in a.grads:
-        assert_close(b.grads[k], a.grads[k], dtype, k)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -62,8 +18,8 @@ def _compare_layers(fast_backend, mode, T, B, I, H, L, bidir, bias, dtype, lengt
 @pytest.mark.parametrize("L,bidir", [(1, False), (2, True)])
 def test_layer_matches_reference(fast_backend, mode, dtype, L, bidir):
     lengths = np.array([5, 2, 4])
-    _compare_layers(fast_backend, mode, 5, 3, 4, 6, L, bidir, True, dtype, lengths,
-                    False, False, 0)
+    compare_layer(fast_backend, mode, dtype, T=5, B=3, I=4, H=6, L=L, bidir=bidir,
+                  lengths=lengths)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -74,8 +30,7 @@ def test_layer_matches_reference(fast_backend, mode, dtype, L, bidir):
     dict(T=3, B=2, I=2, H=40, L=1, bidir=False),     # BLAS path for the step product
 ])
 def test_edge_shapes(fast_backend, mode, case):
-    _compare_layers(fast_backend, mode, case["T"], case["B"], case["I"], case["H"],
-                    case["L"], case["bidir"], True, np.float64, None, False, False, 1)
+    compare_layer(fast_backend, mode, np.float64, lengths=None, seed=1, **case)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -88,29 +43,19 @@ def test_layer_grid(fast_backend, mode, T, B, I, H, L, bidir, bias, tokens, batc
                     use_lengths, dtype, seed):
     assume(backends.supports(fast_backend, mode))
     lengths = np.random.default_rng(seed).integers(1, T + 1, B) if use_lengths else None
-    _compare_layers(fast_backend, mode, T, B, I, H, L, bidir, bias, dtype, lengths,
-                    tokens, batch_first, seed)
+    compare_layer(fast_backend, mode, dtype, tokens, T=T, B=B, I=I, H=H, L=L,
+                  bidir=bidir, bias=bias, seed=seed, lengths=lengths,
+                  batch_first=batch_first)
 
 
 def _train(backend, mode, loss, readout, opt, clip, state_clip, dtype, tokens, bidir,
            steps=3, seed=0):
     T, B, I, H, O = 5, 3, 4, 5, 3
-    core = _layer(mode, I, H, 2 if bidir else 1, bidir, True, dtype, backend, seed=seed)
+    core = make_layer(mode, I, H, 2 if bidir else 1, bidir, dtype, backend, seed=seed)
     model = fr.SequenceModel(core, O, loss=loss, readout=readout)
     step = fr.TrainStep(model, opt, clip=clip, state_clip=state_clip)
-    rng = np.random.default_rng(seed)
-    lengths = np.array([5, 2, 4])
-    out, hx = [], None
-    for _ in range(steps):
-        x = rng.integers(0, I, (T, B)) if tokens else rng.standard_normal((T, B, I))
-        yshape = (T, B) if readout == "all" else (B,)
-        y = (rng.integers(0, O, yshape) if loss == "cross_entropy"
-             else rng.standard_normal(yshape + (O,)))
-        r = step(x, y, hx=hx, lengths=lengths)
-        hx = r.hx
-        out.append(r)
-    flow = fr.gradient_flow(model, x, y, lengths=lengths)
-    z, _ = model(x, lengths=lengths)
+    out, flow, z = train_run(model, step, np.random.default_rng(seed), T=T, B=B,
+                             lengths=np.array([5, 2, 4]), tokens=tokens, steps=steps)
     return out, model.state_dict(), flow, z, step
 
 
@@ -132,7 +77,7 @@ def test_train_step_matches_reference(fast_backend, mode, opt, clip, dtype):
         assert_close(b.loss, a.loss, dtype, "loss")
         assert_close(b.grad_norm, a.grad_norm, dtype, "grad_norm")
         assert a.clipped == b.clipped and a.skipped == b.skipped
-        assert_close(_flatten_state(b.hx), _flatten_state(a.hx), dtype, "hx")
+        assert_close(flat_state(b.hx), flat_state(a.hx), dtype, "hx")
     if CLIPS[clip]() is not None:
         assert any(a.clipped for a in ra), "test should exercise clipping"
     for k in pa:
@@ -168,8 +113,8 @@ def test_products_split_over_cores(fast_backend, mode, monkeypatch):
     if fast_backend == "numba":
         from fastrnn.backends import numba_cpu
         monkeypatch.setattr(numba_cpu, "PAR_MACS", 0)
-    _compare_layers(fast_backend, mode, 12, 5, 70, 48, 2, True, True, np.float64,
-                    np.array([12, 7, 12, 1, 9]), False, False, 3)
+    compare_layer(fast_backend, mode, np.float64, T=12, B=5, I=70, H=48, L=2,
+                  bidir=True, seed=3, lengths=np.array([12, 7, 12, 1, 9]))
     args = (mode, "cross_entropy", "all", fr.Adam(0.01), fr.ClipNorm(1.0), None,
             np.float64, False, True)
     ra, pa, *_ = _train("numpy", *args, steps=1)
@@ -191,7 +136,7 @@ def test_nan_and_inf_propagate_like_the_reference(fast_backend, mode, dtype):
     x[1, 0, 2] = -np.inf
     out = {}
     for be in ("numpy", fast_backend):
-        layer = _layer(mode, 3, 4, 1, False, True, dtype, be, seed=1)
+        layer = make_layer(mode, 3, 4, 1, False, dtype, be, seed=1)
         with np.errstate(all="ignore"):
             out[be], _ = layer(x)
     np.testing.assert_array_equal(np.isnan(out[fast_backend]), np.isnan(out["numpy"]))

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import fastrnn as fr
-from conftest import assert_close
+from conftest import assert_close, short_reason
 
 C_OK, C_WHY = fr.available_backends()["c"]
-needs_c = pytest.mark.skipif(not C_OK, reason=f"backend 'c' unavailable: {C_WHY}")
+needs_c = pytest.mark.skipif(not C_OK, reason=f"backend 'c' unavailable: {short_reason(C_WHY)}")
 
 
 def _compiler_present():

@@ -141,6 +141,36 @@ def test_help_lists_the_subcommands():
 
 # -- train ------------------------------------------------------------------------
 
+def test_help_has_no_rst_markup_and_lists_tune():
+    text = cli.make_parser().format_help()
+    assert "``" not in text and "fastrnn tune" in text
+
+
+def test_slow_first_calls_are_announced_and_timed_apart(tmp_path, capsys, monkeypatch,
+                                                        no_matplotlib):
+    """First calls slower than COMPILE_NOTICE_S (here: a timer that fires at
+    once) say that the kernels compile; the summary gives that time apart
+    from training time."""
+    class FiresAtOnce:
+        def __init__(self, delay, fn, args):
+            self.fn, self.args, self.daemon = fn, args, False
+
+        def start(self):
+            self.fn(*self.args)
+
+        def cancel(self):
+            pass
+
+    monkeypatch.setattr(cli.threading, "Timer", FiresAtOnce)
+    out = tmp_path / "run"
+    code, text, _ = _run(["train", *TINY, "--steps", "3", "--out", str(out)], capsys)
+    assert code == 0
+    assert "compiling kernels (one time, about a minute)" in text
+    assert "of compiling or loading the kernels" in text
+    s = json.load(open(out / "summary.json"))
+    assert s["startup_seconds"] >= 0 and s["seconds"] >= 0
+
+
 def test_train_end_to_end(tmp_path, capsys, no_matplotlib):
     out = tmp_path / "run"
     code, text, _ = _run(["train", *TINY, "--steps", "12", "--out", str(out)], capsys)

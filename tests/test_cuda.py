@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 import fastrnn as fr
-from conftest import assert_close
+from conftest import assert_close, short_reason
 from fastrnn._spec import make_spec, n_params
 
 OK, WHY = fr.available_backends()["cuda"]
-needs_cuda = pytest.mark.skipif(not OK, reason=f"backend 'cuda' unavailable: {WHY}")
+needs_cuda = pytest.mark.skipif(not OK, reason=f"backend 'cuda' unavailable: {short_reason(WHY)}")
 
 
 def test_availability_is_explained():
@@ -42,7 +42,8 @@ def test_missing_numba_cuda_is_explained(monkeypatch):
 from fastrnn.backends import cuda as cb          # noqa: E402 (imports without numba-cuda)
 from fastrnn.backends import reference as ref   # noqa: E402
 
-from _layer_oracle import compare_layer, flat_state as _flat, make_layer as _layer  # noqa: E402
+from _layer_oracle import (compare_layer, flat_state as _flat,  # noqa: E402
+                           make_layer as _layer, train_run)
 
 
 @contextlib.contextmanager
@@ -86,20 +87,9 @@ def _train(backend, mode, path, readout, loss, tokens, steps=2, seed=0):
     core = _layer(mode, I, H, 2, True, np.float64, backend, seed)
     model = fr.SequenceModel(core, O, loss=loss, readout=readout)
     step = fr.TrainStep(model, fr.Adam(0.05), clip=fr.ClipNorm(0.5), state_clip=0.3)
-    rng = np.random.default_rng(seed)
-    lengths = np.array([4, 1, 3])
-    res, hx = [], None
     with _config(**PATHS[path]):
-        for _ in range(steps):
-            x = rng.integers(0, I, (T, B)) if tokens else rng.standard_normal((T, B, I))
-            shape = (T, B) if readout == "all" else (B,)
-            y = (rng.integers(0, O, shape) if loss == "cross_entropy"
-                 else rng.standard_normal(shape + (O,)))
-            r = step(x, y, hx=hx, lengths=lengths)
-            hx = r.hx
-            res.append(r)
-        flow = fr.gradient_flow(model, x, y, lengths=lengths)
-        z, _ = model(x, lengths=lengths)
+        res, flow, z = train_run(model, step, np.random.default_rng(seed), T=T, B=B,
+                                 lengths=np.array([4, 1, 3]), tokens=tokens, steps=steps)
     return res, model.state_dict(), flow, z, step.opt_state
 
 
@@ -272,73 +262,6 @@ def test_host_parameters_always_reflect_the_device():
 
 
 # --------------------------------------------------------------------------
-# benchmarks/gpu_bench.py: what can be checked without a GPU
-# --------------------------------------------------------------------------
-def _gpu_bench():
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_bench.py")
-    spec = importlib.util.spec_from_file_location("gpu_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_gpu_bench_report_pieces():
-    gb = _gpu_bench()
-    assert gb.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert gb.results_path("NVIDIA H200", "/r") == "/r/gpu_nvidia-h200.json"
-    assert gb.meets_target(4, 512, 1.0) and not gb.meets_target(4, 512, 0.99)
-    assert gb.meets_target(16, 128, 0.5) and not gb.meets_target(4, 1024, 0.49)
-    res = [dict(cell="lstm", B=1, H=128, ratio=2.0, fastrnn_ms=1.0, torch_ms=2.0),
-           dict(cell="lstm", B=64, H=1024, ratio=0.4, fastrnn_ms=5.0, torch_ms=2.0),
-           dict(cell="lstm", B=1, H=1024, status="check failed")]
-    table = gb.ratio_table(res)
-    assert "| 1 | 2 (1 / 2) | check failed |" in table
-    assert "| 64 |  | 0.4 (!) (5 / 2) |" in table
-    assert "Targets met: 1/2" in table
-    ok, _ = gb.check(1.0, {"w": np.ones(2)},
-                     {"loss": 1.0, "w0": {"w": np.zeros(2)}, "w1": {"w": np.ones(2)}})
-    assert ok
-    bad, details = gb.check(1.0, {"w": np.array([1.0, 1.01])},
-                            {"loss": 1.0, "w0": {"w": np.zeros(2)},
-                             "w1": {"w": np.ones(2)}})
-    assert not bad and details["failed"] == ["w"]
-    settings = {k: 1 for k in gb.SAME_SETTINGS}
-    old = {"gpu": "g", "settings": settings, "results": [
-        dict(cell="lstm", B=1, H=128, T=100, ratio=1.0),
-        dict(cell="rnn", B=4, H=128, T=100, ratio=2.0)]}
-    new = {"gpu": "g", "settings": settings, "results": [
-        dict(cell="lstm", B=1, H=128, T=100, ratio=3.0)]}
-    assert [(r["cell"], r["ratio"]) for r in gb.merge(old, new)] == [("rnn", 2.0),
-                                                                     ("lstm", 3.0)]
-    assert gb.merge(old, dict(new, settings=dict(settings, path="step"))) == new["results"]
-
-
-@needs_cuda
-@pytest.mark.skipif(not cb.SIM, reason="the GPU run is the real benchmark")
-def test_gpu_bench_runs_end_to_end_in_the_simulator(tmp_path, capsys):
-    """Checks against the reference, timing, JSON and table on tiny shapes,
-    with torch on the CPU (under the simulator the times mean nothing)."""
-    pytest.importorskip("torch")
-    import json
-
-    gb = _gpu_bench()
-    out = tmp_path / "gpu.json"
-    rc = gb.main(["--batches", "2", "--hiddens", "3", "--T", "3", "--steps", "1",
-                  "--warmup", "0", "--torch-device", "cpu", "--out", str(out)])
-    assert rc == 0
-    doc = json.loads(out.read_text())
-    assert doc["gpu"] == "simulator" and doc["simulator"]
-    assert [(r["cell"], r["B"], r["H"]) for r in doc["results"]] == [
-        ("rnn", 2, 3), ("lstm", 2, 3)]
-    for r in doc["results"]:
-        assert r["check"]["fastrnn"]["passed"] and r["check"]["torch"]["passed"]
-        assert r["ratio"] > 0 and r["path"].startswith("persistent")
-    assert "speed-up over cuDNN" in capsys.readouterr().out
-
-
-# --------------------------------------------------------------------------
 # kernel signatures: what the simulator launches is what a GPU compiles
 # --------------------------------------------------------------------------
 @needs_cuda
@@ -391,7 +314,7 @@ def _ptxas():
     return None
 
 
-@pytest.mark.skipif(cb.cuda is None, reason=f"numba-cuda unavailable: {WHY}")
+@pytest.mark.skipif(cb.cuda is None, reason=f"numba-cuda unavailable: {short_reason(WHY)}")
 @pytest.mark.skipif(cb.SIM, reason="compiles for a real GPU (not in the simulator)")
 def test_kernels_compile_for_a_gpu(monkeypatch, tmp_path):
     """Type-check and compile every kernel to PTX for sm_90 with NVVM, even
@@ -589,6 +512,8 @@ def test_device_arrays_through_the_public_api(tokens, batch_first, readout, loss
          else rng.standard_normal(shape + (O,)).astype(np.float32))
     if loss == "cross_entropy" and readout == "all":
         y[3, 1] = 99    # a padding step (lengths[1] = 2): ignored, not an error
+    if not tokens:      # NaN at padding steps is ignored too (read in place)
+        x[np.arange(T)[:, None] >= lengths[None, :]] = np.nan
     if batch_first:
         x = np.ascontiguousarray(x.swapaxes(0, 1))
         if readout == "all":

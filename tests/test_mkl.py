@@ -16,7 +16,7 @@ import pytest
 
 import fastrnn as fr
 from _layer_oracle import compare_layer, make_layer as _layer
-from conftest import assert_close
+from conftest import assert_close, short_reason
 
 try:
     from fastrnn.backends import _mkl
@@ -25,7 +25,8 @@ except Exception as e:  # numba missing: nothing of this file applies
     pytest.skip(f"numba backend not importable: {e}", allow_module_level=True)
 
 MKL_OK, MKL_WHY = _mkl.status()
-needs_mkl = pytest.mark.skipif(not MKL_OK, reason=f"MKL unavailable: {MKL_WHY}")
+MKL_SKIP = f"MKL unavailable: {short_reason(MKL_WHY)}"
+needs_mkl = pytest.mark.skipif(not MKL_OK, reason=MKL_SKIP)
 
 # packed (the default) and plain cblas_?gemm; forward and backward alone
 PATHS = {
@@ -41,7 +42,7 @@ def mkl_paths(request, monkeypatch):
     """The numba backend on MKL with the given paths forced at every shape
     (without forcing, the plan chooses: tests/test_plan.py)."""
     if not MKL_OK:
-        pytest.skip(f"MKL unavailable: {MKL_WHY}")
+        pytest.skip(MKL_SKIP)
     monkeypatch.setattr(nb, "MKL_FORCE", PATHS[request.param])
     prev = nb.set_gemm("mkl")
     yield request.param

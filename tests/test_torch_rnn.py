@@ -12,14 +12,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
 import fastrnn as fr  # noqa: E402
 from conftest import assert_close  # noqa: E402
 
-from _torch_oracle import (F64, READOUT_KEYS, TORCH_DTYPE, _check_param_grads,  # noqa: E402
-                           _compare_params, _grad_norm, _make_data,
-                           _make_optimizers, _np, _t)
+from _torch_oracle import (  # noqa: E402
+    F64, TORCH_DTYPE, TorchModel, _check_param_grads, _compare_params, _grad_norm,
+    _make_data, _np, _t, train_and_compare, unrolled)
 
 
 # --------------------------------------------------------------------------
@@ -49,57 +48,6 @@ def _fr_like(tm, dtype, backend):
     for k in ref:
         assert_close(sd[k], ref[k], dtype, f"loaded {k}")
     return layer
-
-
-def _activation(nonlinearity):
-    return {"tanh": torch.tanh, "relu": torch.relu,
-            "sigmoid": torch.sigmoid}[nonlinearity]
-
-
-def _unrolled_rnn(params, x, num_layers, nonlinearity, bidirectional,
-                  h0=None, state_clip=None, clamp_log=None):
-    """Time-major Elman RNN unrolled step by step in torch.
-
-    params: name -> tensor, torch's names (bias keys optional). With
-    ``state_clip=c`` every hidden state h_t gets a hook that clamps dL/dh_t
-    (the total gradient reaching h_t: from the output at t and from step
-    t+1) element-wise to [-c, c] before it propagates further back; whether
-    a hook really clamped something is appended to ``clamp_log``.
-    Returns (out (T, B, D*H), h_n (D*num_layers, B, H)).
-    """
-    f = _activation(nonlinearity)
-    T, B = x.shape[0], x.shape[1]
-    D = 2 if bidirectional else 1
-    H = params["weight_hh_l0"].shape[1]
-
-    def clamp(g, c=state_clip):
-        if clamp_log is not None:
-            clamp_log.append(bool((g.abs() > c).any()))
-        return g.clamp(-c, c)
-
-    inp, finals = x, []
-    for k in range(num_layers):
-        outs = []
-        for d in range(D):
-            sfx = f"_l{k}" + ("_reverse" if d else "")
-            W_ih, W_hh = params["weight_ih" + sfx], params["weight_hh" + sfx]
-            b_ih = params.get("bias_ih" + sfx)
-            b_hh = params.get("bias_hh" + sfx)
-            h = (h0[k * D + d] if h0 is not None
-                 else torch.zeros(B, H, dtype=x.dtype))
-            hs = [None] * T
-            for t in (reversed(range(T)) if d else range(T)):
-                a = inp[t] @ W_ih.T + h @ W_hh.T
-                if b_ih is not None:
-                    a = a + b_ih + b_hh
-                h = f(a)
-                if state_clip is not None:
-                    h.register_hook(clamp)
-                hs[t] = h
-            outs.append(torch.stack(hs))
-            finals.append(h)
-        inp = torch.cat(outs, -1)
-    return inp, torch.stack(finals)
 
 
 # --------------------------------------------------------------------------
@@ -199,7 +147,7 @@ def test_rnn_sigmoid_matches_unrolled_torch(backend):
     h0 = rng.standard_normal((2 * L, B, H))
     out, hn = layer(x, h0)
     xt, h0t = _t(x, grad=True), _t(h0, grad=True)
-    out_t, hn_t = _unrolled_rnn(params, xt, L, "sigmoid", True, h0=h0t)
+    out_t, hn_t = unrolled(params, xt, L, "sigmoid", True, hx=h0t)
     assert_close(out, _np(out_t), F64, "out")
     assert_close(hn, _np(hn_t), F64, "h_n")
     g_out, g_hn = rng.standard_normal(out.shape), rng.standard_normal(hn.shape)
@@ -324,170 +272,26 @@ def test_rnn_token_ids_match_one_hot_torch(backend, num_layers, bidirectional,
 # --------------------------------------------------------------------------
 # 4.-6. SequenceModel + TrainStep vs torch (nn.RNN + nn.Linear + optimizer)
 # --------------------------------------------------------------------------
-class _TorchModel:
-    """torch twin of an fr.SequenceModel, loaded from model.state_dict()."""
-
-    def __init__(self, model_sd, I, H, O, num_layers, nonlinearity, bias,
-                 bidirectional, loss, readout):
-        D = 2 if bidirectional else 1
-        # nn.RNN has no sigmoid: it then only holds the parameters, and
-        # run_core unrolls the recurrence by hand
-        self.rnn = torch.nn.RNN(I, H, num_layers=num_layers,
-                                nonlinearity=("tanh" if nonlinearity ==
-                                              "sigmoid" else nonlinearity),
-                                bias=bias,
-                                bidirectional=bidirectional).double()
-        self.rnn.load_state_dict({k: _t(v) for k, v in model_sd.items()
-                                  if k not in READOUT_KEYS})
-        self.lin = torch.nn.Linear(D * H, O).double()
-        with torch.no_grad():
-            self.lin.weight.copy_(_t(model_sd["weight_out"]))
-            self.lin.bias.copy_(_t(model_sd["bias_out"]))
-        self.num_layers, self.nonlinearity = num_layers, nonlinearity
-        self.bidirectional = bidirectional
-        self.loss, self.readout = loss, readout
-
-    def named_parameters(self):
-        yield from self.rnn.named_parameters()
-        yield "weight_out", self.lin.weight
-        yield "bias_out", self.lin.bias
-
-    def parameters(self):
-        return [p for _, p in self.named_parameters()]
-
-    def run_core(self, x, h0=None, lengths=None, state_clip=None,
-                 clamp_log=None):
-        """Core outputs (T, B, D*H) (zero at padding) and h_n."""
-        xt = _t(x)
-        h0t = None if h0 is None else _t(h0)
-        if state_clip is not None or self.nonlinearity == "sigmoid":
-            assert lengths is None
-            params = dict(self.rnn.named_parameters())
-            return _unrolled_rnn(params, xt, self.num_layers,
-                                 self.nonlinearity, self.bidirectional,
-                                 h0=h0t, state_clip=state_clip,
-                                 clamp_log=clamp_log)
-        if lengths is None:
-            return self.rnn(xt, h0t)
-        packed = pack_padded_sequence(xt, torch.as_tensor(lengths),
-                                      enforce_sorted=False)
-        out_p, hn = self.rnn(packed, h0t)
-        out, _ = pad_packed_sequence(out_p, total_length=x.shape[0])
-        return out, hn
-
-    def forward(self, x, h0=None, lengths=None, **kw):
-        out, hn = self.run_core(x, h0, lengths, **kw)
-        T, B = x.shape[0], x.shape[1]
-        if self.readout == "all":
-            return self.lin(out), hn
-        last = (np.full(B, T - 1) if lengths is None
-                else np.asarray(lengths) - 1)
-        return self.lin(out[torch.as_tensor(last), torch.arange(B)]), hn
-
-    def loss_fn(self, x, y, h0=None, lengths=None, **kw):
-        """Sum over time steps, mean over the batch; also returns h_n."""
-        z, hn = self.forward(x, h0, lengths, **kw)
-        T, B = x.shape[0], x.shape[1]
-        yt = _t(y)
-        if self.readout == "last":
-            if self.loss == "cross_entropy":
-                L = F.cross_entropy(z, yt, reduction="sum") / B
-            else:
-                L = ((z - yt) ** 2).mean(-1).sum() / B
-            return L, hn
-        O = z.shape[-1]
-        if lengths is None:
-            if self.loss == "cross_entropy":
-                L = F.cross_entropy(z.reshape(-1, O), yt.reshape(-1),
-                                    reduction="sum") / B
-            else:
-                L = ((z - yt) ** 2).mean(-1).sum() / B
-            return L, hn
-        mask = _t((np.arange(T)[:, None] < np.asarray(lengths)[None, :])
-                  .astype(F64))
-        if self.loss == "cross_entropy":
-            per = F.cross_entropy(z.reshape(-1, O), yt.reshape(-1),
-                                  reduction="none").reshape(T, B)
-        else:
-            per = ((z - yt) ** 2).mean(-1)
-        return (per * mask).sum() / B, hn
-
-
 def _train_and_compare(backend, *, opt_spec, clip=None, loss="cross_entropy",
                        readout="all", num_layers=1, nonlinearity="tanh",
                        bias=True, bidirectional=False, lengths=None,
                        with_hx=False, steps=3, T=5, B=3, I=3, H=4, O=3,
                        seed=0):
-    """Run `steps` fused TrainSteps and the same steps in torch; compare
-    loss, grad_norm, clipped and hx at every step, parameters at the end.
-    ``clip`` is None, "norm" or "value"; its threshold is set from the
-    gradient at the initial parameters so that clipping really happens."""
-    rng = np.random.default_rng(seed)
-    D = 2 if bidirectional else 1
+    """An RNN SequenceModel against torch over ``steps`` training steps
+    (``train_and_compare``); ``with_hx``: a random initial h0."""
+    sshape = ((2 if bidirectional else 1) * num_layers, B, H)
     core = fr.RNN(I, H, num_layers, nonlinearity, bias,
                   bidirectional=bidirectional, dtype=F64, seed=seed,
                   backend=backend)
     model = fr.SequenceModel(core, O, loss=loss, readout=readout)
-    tmodel = _TorchModel(model.state_dict(), I, H, O, num_layers,
-                         nonlinearity, bias, bidirectional, loss, readout)
-    params = tmodel.parameters()
-    xs, ys = _make_data(rng, T, B, I, O, loss, readout, steps)
-    h0 = (rng.standard_normal((D * num_layers, B, H)) if with_hx else None)
-
-    # forward only, at the initial parameters
-    z, hn = model(xs[0], hx=h0, lengths=lengths)
-    with torch.no_grad():
-        z_t, hn_t = tmodel.forward(xs[0], h0, lengths)
-    z_t = _np(z_t)
-    if lengths is not None and readout == "all":
-        # what the model reports at padding steps is not specified
-        valid = np.arange(T)[:, None] < np.asarray(lengths)[None, :]
-        z, z_t = z[valid], z_t[valid]
-    assert_close(z, z_t, F64, "model outputs")
-    assert_close(hn, _np(hn_t), F64, "model h_n")
-
-    fr_clip = None
-    if clip is not None:
-        L, _ = tmodel.loss_fn(xs[0], ys[0], h0, lengths)
-        L.backward()
-        if clip == "norm":
-            max_norm = 0.7 * _grad_norm(params)
-            fr_clip = fr.ClipNorm(max_norm)
-        else:
-            limit = 0.5 * max(float(p.grad.abs().max()) for p in params)
-            fr_clip = fr.ClipValue(limit)
-        for p in params:
-            p.grad = None
-    fr_opt, t_opt = _make_optimizers(opt_spec, params)
-    step = fr.TrainStep(model, fr_opt, clip=fr_clip)
-
-    clipped_any = False
-    for k in range(steps):
-        res = step(xs[k], ys[k], hx=h0, lengths=lengths)
-        t_opt.zero_grad()
-        L, hn_t = tmodel.loss_fn(xs[k], ys[k], h0, lengths)
-        L.backward()
-        g = _grad_norm(params)
-        clipped = False
-        if clip == "norm" and g > max_norm:
-            clipped = True
-            with torch.no_grad():
-                for p in params:
-                    p.grad.mul_(max_norm / g)
-        elif clip == "value":
-            clipped = any(bool((p.grad.abs() > limit).any()) for p in params)
-            torch.nn.utils.clip_grad_value_(params, limit)
-        t_opt.step()
-        clipped_any |= clipped
-
-        assert_close(res.loss, L.item(), F64, f"step {k}: loss")
-        assert_close(res.grad_norm, g, F64, f"step {k}: grad_norm")
-        assert bool(res.clipped) == clipped, f"step {k}: clipped"
-        assert not res.skipped, f"step {k}: skipped"
-        assert_close(res.hx, _np(hn_t), F64, f"step {k}: hx")
-    if clip is not None:
-        assert clipped_any, "test setup: clipping never happened"
-    _compare_params(model, tmodel, f"after {steps} steps")
+    tmodel = TorchModel(model.state_dict(), I, H, O, num_layers,
+                        nonlinearity, bias, bidirectional, loss, readout)
+    train_and_compare(
+        model, tmodel, np.random.default_rng(seed), opt_spec=opt_spec,
+        clip=clip, loss=loss, readout=readout, lengths=lengths,
+        make_hx=(lambda rng: rng.standard_normal(sshape)) if with_hx else None,
+        compare_state=lambda got, exp, what: assert_close(got, _np(exp), F64, what),
+        steps=steps, T=T, B=B, I=I, O=O)
 
 
 OPTIMIZERS = {
@@ -551,8 +355,8 @@ def test_train_step_state_clip_matches_clamped_torch_bptt(
     core = fr.RNN(I, H, 1, nonlinearity, bidirectional=bidirectional,
                   dtype=F64, seed=3, backend=backend)
     model = fr.SequenceModel(core, O, loss="cross_entropy", readout="all")
-    tmodel = _TorchModel(model.state_dict(), I, H, O, 1, nonlinearity, True,
-                         bidirectional, "cross_entropy", "all")
+    tmodel = TorchModel(model.state_dict(), I, H, O, 1, nonlinearity, True,
+                        bidirectional, "cross_entropy", "all")
     params = tmodel.parameters()
     step = fr.TrainStep(model, fr.SGD(lr), state_clip=c)
     t_opt = torch.optim.SGD(params, lr=lr)
@@ -584,8 +388,8 @@ def test_train_step_truncated_bptt_carries_hx(backend, num_layers,
     core = fr.RNN(I, H, num_layers, nonlinearity, dtype=F64, seed=5,
                   backend=backend)
     model = fr.SequenceModel(core, O, loss="cross_entropy", readout="all")
-    tmodel = _TorchModel(model.state_dict(), I, H, O, num_layers,
-                         nonlinearity, True, False, "cross_entropy", "all")
+    tmodel = TorchModel(model.state_dict(), I, H, O, num_layers,
+                        nonlinearity, True, False, "cross_entropy", "all")
     params = tmodel.parameters()
     step = fr.TrainStep(model, fr.SGD(0.2, momentum=0.9))
     t_opt = torch.optim.SGD(params, lr=0.2, momentum=0.9)
@@ -596,7 +400,7 @@ def test_train_step_truncated_bptt_carries_hx(backend, num_layers,
     for k in range(steps):
         res = step(xs[k], ys[k], hx=hx)
         t_opt.zero_grad()
-        L, hn_t = tmodel.loss_fn(xs[k], ys[k], h0=h_carry)
+        L, hn_t = tmodel.loss_fn(xs[k], ys[k], hx=h_carry)
         L.backward()
         g = _grad_norm(params)
         t_opt.step()

@@ -119,20 +119,15 @@ def pieces(B, H, engine):
 def torch_split(B, H):
     try:
         import torch
-        import torch.nn.functional as F
         from torch.profiler import ProfilerActivity, profile
     except ImportError:
         return None
-    core, lin = torch.nn.LSTM(I, H), torch.nn.Linear(H, O)
-    opt = torch.optim.SGD(list(core.parameters()) + list(lin.parameters()), lr=0.01)
+    from fastrnn._torch_ref import TorchTrainStep
+    step = TorchTrainStep("lstm", I, H, O, optimizer="sgd", lr=0.01)
     xt, yt = torch.randn(T, B, I), torch.randint(0, O, (T * B,))
 
     def call():
-        opt.zero_grad()
-        out, _ = core(xt)
-        loss = F.cross_entropy(lin(out).reshape(-1, O), yt, reduction="sum") / B
-        loss.backward()
-        opt.step()
+        step(xt, yt)
     total = best(call)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(3):

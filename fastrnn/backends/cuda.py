@@ -584,15 +584,19 @@ def _relayout2_kernel(src, dst, swap, lengths, mask):
 
 
 @_kernel
-def _relayout3_kernel(src, dst, swap):
-    """dst[t, b, k] = src[b, t, k] (swap) or src[t, b, k], converted."""
+def _relayout3_kernel(src, dst, swap, lengths, mask):
+    """dst[t, b, k] = src[b, t, k] (swap) or src[t, b, k], converted;
+    0 where mask and t >= lengths[b] (whatever padding holds, NaN too, is
+    ignored)."""
     n1, n2 = dst.shape[1], dst.shape[2]
     for i in range(cuda.grid(1), dst.shape[0] * n1 * n2, cuda.gridsize(1)):
         t = i // (n1 * n2)
         r = i - t * n1 * n2
         b = r // n2
         k = r - b * n2
-        if swap != 0:
+        if mask != 0 and t >= lengths[b]:
+            dst[t, b, k] = 0
+        elif swap != 0:
             dst[t, b, k] = src[b, t, k]
         else:
             dst[t, b, k] = src[t, b, k]
@@ -1366,8 +1370,8 @@ def relayout_signatures(dtype):
     A2, A3 = nt.Array(f, 2, "C"), nt.Array(f, 3, "C")
     I1, I2 = nt.Array(nt.int64, 1, "C"), nt.Array(nt.int64, 2, "C")
     i8 = nt.int64
-    return [(_relayout3_kernel, (A3, A3, i8)),
-            (_relayout3_kernel, (nt.Array(other, 3, "C"), A3, i8)),   # converts
+    return [(_relayout3_kernel, (A3, A3, i8, I1, i8)),
+            (_relayout3_kernel, (nt.Array(other, 3, "C"), A3, i8, I1, i8)),   # converts
             (_relayout2_kernel, (I2, I2, i8, I1, i8)),
             (_relayout2_kernel, (nt.Array(nt.int32, 2, "C"), I2, i8, I1, i8)),
             (_relayout2_kernel, (A2, A2, i8, I1, i8)),
@@ -1409,7 +1413,7 @@ def _put(dst, a, what, lengths=None, mask=False):
         elif a.ndim == 2:
             _launch(_relayout2_kernel, n, TPB, (src, d, int(a.swap), lengths, int(mask)))
         else:
-            _launch(_relayout3_kernel, n, TPB, (src, d, int(a.swap)))
+            _launch(_relayout3_kernel, n, TPB, (src, d, int(a.swap), lengths, int(mask)))
         return True
     if _is_device_array(a):
         if not getattr(a, "__cuda_ndarray__", False):
@@ -1419,7 +1423,11 @@ def _put(dst, a, what, lengths=None, mask=False):
                             f"got {a.dtype}")
         if a.size != dst.size:
             raise ValueError(f"{what}: expected {dst.size} elements, got {a.size}")
-        dst.copy_to_device(a.reshape(dst.shape) if a.shape != dst.shape else a)
+        if mask and a.ndim == 3:   # copied by the kernel that blanks padding
+            _launch(_relayout3_kernel, _grid1(a.size), TPB,
+                    (a, dst.reshape(a.shape), 0, lengths, 1))
+        else:
+            dst.copy_to_device(a.reshape(dst.shape) if a.shape != dst.shape else a)
         return True
     h = np.ascontiguousarray(a, dtype=dst.dtype)
     if h.size != dst.size:
@@ -1541,8 +1549,8 @@ def _inputs(c, spec, flat, x, lengths, state0, upload=True):
             raise TypeError(f"x: token ids on the device must be int64, got {x.dtype}")
         if _put(w["TOK"], x, "x", w["LEN"]):
             _check_range(w, w["TOK"], T * B, 0, spec.I, "x: token ids")
-    else:
-        _put(w["X"], x, "x")
+    else:   # padding steps zeroed on the way (host arrays come zeroed)
+        _put(w["X"], x, "x", w["LEN"], mask=True)
     _put(w["ST0"], state0, "state0")
     return w, T, B, tok
 

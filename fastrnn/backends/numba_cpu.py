@@ -1519,10 +1519,14 @@ def _ce_block_fast(Z, yi, lengths, B, inv_b, dZ, ES, ibuf):
                 acc += d[o]
             y = yi[min(r, yi.shape[0] - 1)]
             loss += mrow[r] + math.log(acc) - np.float64(Z[r, y])
-            sc = inv_b / acc
+            # (softmax - onehot) first, then / B: with one class the
+            # gradient is exactly 0, as in the reference
+            sc = 1.0 / acc
             for o in range(O):
                 d[o] = d[o] * sc
-            d[y] -= inv_b
+            d[y] -= 1
+            for o in range(O):
+                d[o] = d[o] * inv_b
         else:
             for o in range(O):
                 d[o] = 0
@@ -1739,19 +1743,7 @@ def train_step_kernel(cfg, fcfg, flat, grad, opt_state, batch, ws, state_n,
 def flow_kernel(cfg, flat, grad, batch, ws, state_n, flow):
     """Forward, loss and BPTT; flow (T,) receives the norm of dL/dh_t of the
     top layer per step."""
-    x, tok, lengths, state0, yi, yf = batch
-    T, B = cfg[C_T], cfg[C_B]
-    top = core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n)
-    readout_forward_kernel(cfg, flat, lengths, top, ws)
-    sz = _sections_of(cfg)
-    DH = cfg[C_D] * cfg[C_H]
-    dtop = _section(ws, sz, 6)[:T * B * DH].reshape((T, B, DH))
-    loss = loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf, grad,
-                                dtop)
-    dstate = np.zeros_like(state_n)
-    core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate, grad,
-                         x[:0], dstate, flow, 0.0, dtop[:0])
-    return loss
+    return _loss_grad(cfg, flat, grad, batch, ws, state_n, flow, 0.0)
 
 
 # ============================================================================
@@ -2185,6 +2177,14 @@ def grad_kernel(cfg, fcfg, flat, grad, batch, ws, state_n):
     """train_step_kernel up to the gradient: forward over time, loss and
     BPTT into grad; returns the loss. batch = (x, tok, lengths, state0, yi,
     yf)."""
+    flow = np.empty(cfg[C_T], dtype=np.float64)
+    return _loss_grad(cfg, flat, grad, batch, ws, state_n, flow, fcfg[F_SCLIP])
+
+
+@njit(cache=True)
+def _loss_grad(cfg, flat, grad, batch, ws, state_n, flow, sclip):
+    """Forward over time, read-out, loss and BPTT into grad (flow (T,): the
+    norm of dL/dh_t of the top layer per step); returns the loss."""
     x, tok, lengths, state0, yi, yf = batch
     T, B = cfg[C_T], cfg[C_B]
     top = core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n)
@@ -2195,10 +2195,9 @@ def grad_kernel(cfg, fcfg, flat, grad, batch, ws, state_n):
     loss = loss_backward_kernel(cfg, flat, lengths, top, ws, yi, yf, grad,
                                 dtop)
     dstate = np.zeros_like(state_n)
-    # no input gradient (x[:0]) and no outside dL/dc_t (dtop[:0]) in training
+    # no input gradient (x[:0]) and no outside dL/dc_t (dtop[:0])
     core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate, grad,
-                         x[:0], dstate, np.empty(T, dtype=np.float64),
-                         fcfg[F_SCLIP], dtop[:0])
+                         x[:0], dstate, flow, sclip, dtop[:0])
     return loss
 
 
