@@ -18,7 +18,7 @@ if importlib.util.find_spec("fastrnn") is None:
 # "numba-mkl": the numba backend with MKL for its per-step products (the
 # `mkl` extra); "numba" is then timed without it (test_bench_train.py)
 DEFAULT_BACKENDS = ("numba", "numba-mkl", "c", "cuda", "numpy", "torch")
-DEFAULT_CELLS = ("rnn", "lstm")
+DEFAULT_CELLS = ("rnn", "lstm", "gru")
 
 
 def pytest_addoption(parser):

@@ -3,7 +3,9 @@
 One training step = forward over T steps, loss, BPTT, optimizer update.
 Setting: float32, T=100, I=32, O=10, cross-entropy with a target at every
 step (readout="all"; loss = sum over time, mean over the batch), SGD lr=0.01,
-nonlinearity tanh, grid B in {1, 16, 64} x H in {32, 128, 512}.
+nonlinearity tanh, grid B in {1, 16, 64} x H in {32, 128, 512}; cells rnn,
+lstm and gru (the GRU against nn.GRU, on the backends that have the cell:
+a backend without it is skipped with the reason).
 
 Every benchmark first CHECKS its implementation: from the same weights and
 data as the NumPy reference, one step on a fresh copy must give the
@@ -46,7 +48,7 @@ DTYPE = np.float32
 NONLINEARITY = "tanh"
 BATCHES = (1, 16, 64)
 HIDDENS = (32, 128, 512)
-CELLS = ("rnn", "lstm")
+CELLS = ("rnn", "lstm", "gru")
 
 # Tolerances of the pre-timing check, by dtype (relative; absolute floor =
 # the same number times max|reference|).
@@ -96,6 +98,8 @@ def _fr_cell_class(cell):
         if not hasattr(fr, "LSTM"):
             pytest.skip("fastrnn has no LSTM yet")
         return fr.LSTM
+    if cell == "gru":
+        return fr.GRU
     raise ValueError(f"unknown cell {cell!r}")
 
 
@@ -210,6 +214,9 @@ def make_impl(cell, backend, B, H, x, y, w0):
     ok, why = fr.available_backends().get(fr_backend, (False, "not listed"))
     if not ok:
         pytest.skip(f"backend {fr_backend!r} unavailable: {why}")
+    from fastrnn.backends import supports
+    if cell == "gru" and not supports(fr_backend, "gru"):
+        pytest.skip(f"backend {fr_backend!r} does not implement the GRU yet")
     if backend == "numba-mkl":
         from fastrnn.backends import _mkl
         ok, why = _mkl.status()

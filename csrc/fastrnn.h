@@ -1,10 +1,12 @@
 /* fastrnn C kernels: fused pointwise cell updates (forward and backward) of
- * the Elman RNN (tanh, relu, sigmoid) and the LSTM (gates i, f, g, o), the
+ * the Elman RNN (tanh, relu, sigmoid), the LSTM (gates i, f, g, o) and the
+ * GRU (gates r, z, n), the
  * time loop of one direction of one layer, the read-out loss, and the
  * clipping + optimizer update over the flat parameter buffer; float32 (_f32)
  * and float64 (_f64).
  *
- * Conventions (shapes are row-major and contiguous; G = 4 for the LSTM, else 1):
+ * Conventions (shapes are row-major and contiguous; G = 4 for the LSTM, 3 for
+ * the GRU, else 1):
  *   W_hh      (G*H, H) as stored by the layer; the forward takes its
  *             transpose W_hh^T (H, G*H) so that every product is an axpy
  *             over contiguous rows
@@ -27,7 +29,7 @@
 /* dimensions and options of one direction of one layer */
 typedef struct {
     int64_t T, B, H;          /* steps, batch rows, hidden size */
-    int64_t mode;             /* 0 tanh, 1 relu, 2 sigmoid, 3 lstm */
+    int64_t mode;             /* 0 tanh, 1 relu, 2 sigmoid, 3 lstm, 4 gru */
     int64_t rev;              /* 1: reverse direction (forward runs t = T-1 .. 0) */
     int64_t ldo;              /* row stride of out: D*H */
     int64_t use_sclip;        /* backward: clamp dL/dh_t to [-sclip, sclip] */
@@ -44,11 +46,14 @@ typedef struct {
     const float *b_hh;
     float *HX;        /* (T+2, B, H); RNN: HX[1..T] hold W_ih x_t on entry */
     float *CX;        /* LSTM: (T+2, B, H) cell states, like HX */
-    float *GATES;     /* LSTM: (T, B, 4H): W_ih x_t on entry, gate activations after */
+    float *GATES;     /* LSTM, GRU: (T, B, G*H): W_ih x_t on entry, gate activations after */
     float *TC;        /* LSTM: (T, B, H) tanh(c_t) */
     float *out;       /* forward: layer output (T, B, ldo) at this direction's
                          first column; backward: its gradient */
-    float *DELTA;     /* backward: (T, B, G*H) dL/da_t (0 at padding steps) */
+    float *HN;        /* GRU: (T, B, H) W_hn h_{t-1} + b_hn (r multiplies it) */
+    float *DELTA;     /* backward: (T, B, G*H) dL/da_t (0 at padding steps); GRU:
+                         of the input side W_ih x_t + b_ih */
+    float *DELTAH;    /* backward, GRU: (T, B, 3H) dL/d(W_hh h_{t-1} + b_hh) */
     float *dh;        /* backward: (B, H) dL/dh carried back: in dL/dh_T, out dL/dh_0 */
     float *dc;        /* backward, LSTM: (B, H) dL/dc likewise */
     float *scratch;   /* (B, G*H) */
@@ -64,7 +69,9 @@ typedef struct {
     double *GATES;
     double *TC;
     double *out;
+    double *HN;
     double *DELTA;
+    double *DELTAH;
     double *dh;
     double *dc;
     double *scratch;

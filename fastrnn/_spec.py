@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # cell modes (also the integer code handed to compiled kernels)
-MODES = {"tanh": 0, "relu": 1, "sigmoid": 2, "lstm": 3}
+MODES = {"tanh": 0, "relu": 1, "sigmoid": 2, "lstm": 3, "gru": 4}
 MODE_NAMES = {v: k for k, v in MODES.items()}
 
 # readout / loss codes
@@ -22,7 +22,7 @@ LOSSES = {"cross_entropy": 0, "mse": 1}
 class Spec:
     """Dimensions of a recurrent core (+ optional linear read-out).
 
-    mode: "tanh" | "relu" | "sigmoid" | "lstm"
+    mode: "tanh" | "relu" | "sigmoid" | "lstm" | "gru"
     I: input size, H: hidden size, L: layers, D: directions (1 or 2),
     bias: whether bias_ih/bias_hh exist, O: read-out size (0: no read-out),
     suffix: parameter-name suffix style ("layer" -> weight_ih_l0, "cell" ->
@@ -42,12 +42,13 @@ class Spec:
 
     @property
     def G(self):
-        """Gate blocks per layer: 4 for the LSTM, 1 for the Elman RNN."""
-        return 4 if self.mode == "lstm" else 1
+        """Gate blocks per layer: 4 for the LSTM (i, f, g, o), 3 for the GRU
+        (r, z, n), 1 for the Elman RNN."""
+        return {"lstm": 4, "gru": 3}.get(self.mode, 1)
 
     @property
     def S(self):
-        """Number of state tensors: (h,) or (h, c)."""
+        """Number of state tensors: (h,) (RNN, GRU) or (h, c) (LSTM)."""
         return 2 if self.mode == "lstm" else 1
 
     def input_size(self, k):

@@ -1,5 +1,5 @@
-"""The PyTorch training step fastrnn is measured against: ``nn.RNN`` or
-``nn.LSTM`` + ``nn.Linear`` read-out, cross-entropy at every step summed over
+"""The PyTorch training step fastrnn is measured against: ``nn.RNN``,
+``nn.LSTM`` or ``nn.GRU`` + ``nn.Linear`` read-out, cross-entropy at every step summed over
 time and averaged over the batch (the loss of ``fr.SequenceModel``),
 optional ``clip_grad_norm_``, an SGD or Adam update. One definition for
 ``fastrnn bench``, the benchmarks (benchmarks/) and the tests that check it.
@@ -14,7 +14,7 @@ _READOUT = ("weight_out", "bias_out")
 class TorchTrainStep:
     """One training step in PyTorch, from fastrnn's parameters.
 
-    ``cell`` is "rnn" or "lstm"; the core has input size ``I``, hidden size
+    ``cell`` is "rnn", "lstm" or "gru"; the core has input size ``I``, hidden size
     ``H`` (one layer, one direction), the read-out ``O`` outputs.
     ``params``: a fastrnn ``model.state_dict()`` (PyTorch's names plus
     ``weight_out``/``bias_out``) to start from; None keeps torch's own
@@ -28,16 +28,18 @@ class TorchTrainStep:
                  dtype=np.float32, device="cpu", optimizer="sgd", lr=0.01,
                  clip_norm=None):
         import torch
-        if cell not in ("rnn", "lstm"):
-            raise ValueError(f"cell must be 'rnn' or 'lstm', got {cell!r}")
+        if cell not in ("rnn", "lstm", "gru"):
+            raise ValueError(f"cell must be 'rnn', 'lstm' or 'gru', got {cell!r}")
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
         self._torch = torch
         self.device = torch.device(device)
         tdtype = {np.dtype(np.float32): torch.float32,
                   np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
-        core = (torch.nn.LSTM(I, H) if cell == "lstm"
-                else torch.nn.RNN(I, H, nonlinearity=nonlinearity))
+        if cell == "rnn":
+            core = torch.nn.RNN(I, H, nonlinearity=nonlinearity)
+        else:
+            core = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](I, H)
         self.core = core.to(device=self.device, dtype=tdtype)
         self.lin = torch.nn.Linear(H, O).to(device=self.device, dtype=tdtype)
         if params is not None:

@@ -61,9 +61,10 @@ class Checkpoint:
 # -- describing and rebuilding the model -----------------------------------
 
 def _model_config(model):
-    from .layers import LSTM
+    from .layers import GRU, LSTM
     core = model.core
-    cfg = {"cell": "lstm" if isinstance(core, LSTM) else "rnn",
+    cell = "lstm" if isinstance(core, LSTM) else "gru" if isinstance(core, GRU) else "rnn"
+    cfg = {"cell": cell,
            "input_size": core.input_size, "hidden_size": core.hidden_size,
            "num_layers": core.num_layers, "bias": core.bias,
            "batch_first": core.batch_first, "bidirectional": core.bidirectional,
@@ -77,7 +78,7 @@ def _model_config(model):
 
 def _build_model(cfg, backend):
     from . import backends
-    from .layers import LSTM, RNN
+    from .layers import GRU, LSTM, RNN
     from .model import SequenceModel
     if backend is None:
         backend = cfg["backend"]
@@ -89,6 +90,8 @@ def _build_model(cfg, backend):
               backend=backend)
     if cfg["cell"] == "lstm":
         core = LSTM(cfg["input_size"], cfg["hidden_size"], **kw)
+    elif cfg["cell"] == "gru":
+        core = GRU(cfg["input_size"], cfg["hidden_size"], **kw)
     else:
         core = RNN(cfg["input_size"], cfg["hidden_size"],
                    nonlinearity=cfg["nonlinearity"], **kw)
@@ -330,7 +333,7 @@ def _check_model(ar, meta):
     f = lambda key, check, expected: _field(ar, cfg, key, "model", check, expected)  # noqa
     pos = lambda v: _is_int(v) and v >= 1  # noqa: E731
     is_bool = lambda v: isinstance(v, bool)  # noqa: E731
-    cell = f("cell", *_one_of("rnn", "lstm"))
+    cell = f("cell", *_one_of("rnn", "lstm", "gru"))
     I, H, L = (f(k, pos, "an int >= 1") for k in ("input_size", "hidden_size", "num_layers"))
     bias, _, bidir = (f(k, is_bool, "true or false")
                       for k in ("bias", "batch_first", "bidirectional"))
@@ -338,9 +341,9 @@ def _check_model(ar, meta):
     f("init", lambda v: isinstance(v, str), "a str")
     f("seed", lambda v: v is None or _is_int(v), "an int or null")
     f("backend", lambda v: isinstance(v, str), "a str")
-    mode = "lstm"
+    mode = cell
     if cell == "rnn":
-        mode = f("nonlinearity", *_one_of(*(m for m in MODES if m != "lstm")))
+        mode = f("nonlinearity", *_one_of(*(m for m in MODES if m not in ("lstm", "gru"))))
     O = f("output_size", pos, "an int >= 1")
     loss = f("loss", *_one_of(*LOSSES))
     readout = f("readout", *_one_of(*READOUTS))

@@ -114,8 +114,9 @@ def resolve_config(ns, base=None):
         cfg["clip_norm"] = cfg["clip_value"] = None
     if cfg["T"] is None:
         cfg["T"] = _tasks.TASKS[task].default_T
-    if cfg["cell"] == "lstm" and "nonlinearity" in given and given["nonlinearity"] != "tanh":
-        raise UsageError("--nonlinearity: applies to --cell rnn (the LSTM's is fixed)")
+    if cfg["cell"] != "rnn" and "nonlinearity" in given and given["nonlinearity"] != "tanh":
+        raise UsageError(f"--nonlinearity: applies to --cell rnn (the "
+                         f"{cfg['cell'].upper()}'s is fixed)")
     if cfg["cell"] != "lstm":
         if "forget_bias" in given:
             raise UsageError("--forget-bias: applies to --cell lstm")
@@ -152,7 +153,7 @@ def _check_config(cfg):
         raise UsageError(f"--forget-bias: expected a finite number, got {fb}")
     if cfg["seed"] < 0:
         raise UsageError(f"--seed: expected an integer >= 0, got {cfg['seed']}")
-    if cfg["cell"] == "lstm" and cfg["init"] == "identity":
+    if cfg["cell"] != "rnn" and cfg["init"] == "identity":
         raise UsageError("--init identity: the identity init (IRNN) is for --cell rnn")
     if cfg["task"] == "char":
         if cfg["text"] is None:
@@ -184,6 +185,8 @@ def build(cfg, task):
     try:
         if cfg["cell"] == "lstm":
             core = fr.LSTM(task.input_size, cfg["hidden"], **kw)
+        elif cfg["cell"] == "gru":
+            core = fr.GRU(task.input_size, cfg["hidden"], **kw)
         else:
             core = fr.RNN(task.input_size, cfg["hidden"], nonlinearity=cfg["nonlinearity"],
                           **kw)
@@ -224,7 +227,7 @@ def set_forget_bias(model, value):
 
 def describe(cfg, model=None):
     """One line: the model and how it is trained."""
-    cell = "LSTM" if cfg["cell"] == "lstm" else f"{cfg['nonlinearity']} RNN"
+    cell = cfg["cell"].upper() if cfg["cell"] != "rnn" else f"{cfg['nonlinearity']} RNN"
     arch = f"{cell} H={cfg['hidden']}"
     if cfg["layers"] > 1:
         arch += f" x{cfg['layers']} layers"
@@ -247,7 +250,7 @@ def describe(cfg, model=None):
     if backend == "auto":
         from .backends import resolve
         try:
-            backend = resolve("auto")
+            backend = resolve("auto", None if cfg["cell"] == "rnn" else cfg["cell"])
         except RuntimeError:
             pass
     return (f"{arch} | {opt}, {', '.join(clips) or 'no clipping'} | batch {cfg['batch']}, "
@@ -455,7 +458,7 @@ def _truncate_metrics(path, step):
 def default_out(cfg, root="runs", tag=None):
     """runs/<task>-T<T>-<tag>-<date>-<time> (tag: the cell), never an existing one."""
     if tag is None:
-        tag = "lstm" if cfg["cell"] == "lstm" else f"rnn-{cfg['nonlinearity']}"
+        tag = cfg["cell"] if cfg["cell"] != "rnn" else f"rnn-{cfg['nonlinearity']}"
     name = f"{cfg['task']}-T{cfg['T']}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
     out, n = os.path.join(root, name), 1
     while os.path.exists(out):
@@ -513,7 +516,7 @@ def _model_mismatch(model, cfg, task):
     """The first difference between a checkpoint's model and the run's
     configuration, as text; None when they match."""
     core = model.core
-    cell = "lstm" if type(core).__name__ == "LSTM" else "rnn"
+    cell = {"LSTM": "lstm", "GRU": "gru"}.get(type(core).__name__, "rnn")
     pairs = [("cell", cell, cfg["cell"]), ("hidden", core.hidden_size, cfg["hidden"]),
              ("layers", core.num_layers, cfg["layers"]),
              ("bidirectional", bool(core.bidirectional), bool(cfg["bidirectional"])),
@@ -1002,6 +1005,8 @@ VARIANTS = {
              dict(cell="rnn", nonlinearity="relu", init="identity", clip=True)),
     "lstm": ("LSTM, default init, clipping",
              dict(cell="lstm", nonlinearity="tanh", init="default", clip=True)),
+    "gru": ("GRU, default init, clipping",
+            dict(cell="gru", nonlinearity="tanh", init="default", clip=True)),
 }
 
 COMPARE_DEFAULTS = dict(hidden=64, batch=32, steps=10000, lr=3e-3, eval_every=500)
@@ -1242,17 +1247,19 @@ def _time(fn, seconds, min_reps=3, max_reps=1000):
 
 
 def _bench_case(cell, T, B, I, H, seconds, names, use_torch):
-    """One shape: time a training step on every backend (and torch) from the
-    same parameters; the first step's loss is checked against the reference."""
+    """One shape: time a training step on every backend that has the cell
+    (and torch) from the same parameters; the first step's loss is checked
+    against the reference."""
     import fastrnn as fr
+    from .backends import supports
     rng = np.random.default_rng(0)
     x = rng.standard_normal((T, B, I)).astype(np.float32)
     y = rng.integers(0, I, (T, B))
     rows = []
     params = None
-    for be in names:
-        core = (fr.LSTM(I, H, seed=0, backend=be) if cell == "lstm"
-                else fr.RNN(I, H, seed=0, backend=be))
+    for be in [n for n in names if supports(n, cell)]:
+        core = {"lstm": fr.LSTM, "gru": fr.GRU, "rnn": fr.RNN}[cell](
+            I, H, seed=0, backend=be)
         model = fr.SequenceModel(core, I)
         params = model.state_dict() if params is None else params
         model.load_state_dict(params)
@@ -1270,7 +1277,7 @@ def _bench_case(cell, T, B, I, H, seconds, names, use_torch):
 
 
 def _bench_torch(cell, x, y, params, I, H, seconds):
-    """The same step in PyTorch: nn.RNN/nn.LSTM + nn.Linear + summed
+    """The same step in PyTorch: nn.RNN/nn.LSTM/nn.GRU + nn.Linear + summed
     cross-entropy / B + clip_grad_norm_ + Adam, from the same parameters."""
     from ._torch_ref import TorchTrainStep
     step = TorchTrainStep(cell, I, H, I, params, optimizer="adam", lr=1e-3, clip_norm=1.0)
@@ -1296,7 +1303,8 @@ def cmd_bench(args):
             use_torch = False
             skipped.append("torch (not installed)")
     shapes = args.shape or BENCH_SHAPES
-    cells = ["rnn", "lstm"] if args.cell == "both" else [args.cell]
+    cells = ({"both": ["rnn", "lstm"], "all": ["rnn", "lstm", "gru"]}.get(args.cell)
+             or [args.cell])
     say("fastrnn bench: one training step (forward, cross-entropy at every step, BPTT, "
         "norm clipping, Adam), float32, median time")
     info = f"  {os.cpu_count()} CPUs"
@@ -1313,7 +1321,7 @@ def cmd_bench(args):
             "loss = reference"]
     table = []
     for r in rows:
-        table.append([r["cell"].upper() if r["cell"] == "lstm" else "tanh RNN",
+        table.append([r["cell"].upper() if r["cell"] != "rnn" else "tanh RNN",
                       f"{r['T']} x {r['B']}, {r['I']} -> {r['H']}", r["impl"],
                       _ms(r["ms"]), f"{1e3 / r['ms']:.0f}",
                       f"{r['vs_torch']:.2f}x" if r["vs_torch"] else "-",
@@ -1386,7 +1394,7 @@ def _model_options(p, defaults, *, cell=True):
                    "temporal-order 10000, memorization 2000; char: 16 streams)")
     g = p.add_argument_group("model")
     if cell:
-        g.add_argument("--cell", choices=["lstm", "rnn"], help=d("cell"))
+        g.add_argument("--cell", choices=["lstm", "rnn", "gru"], help=d("cell"))
         g.add_argument("--nonlinearity", choices=["tanh", "relu", "sigmoid"],
                        help="for --cell rnn " + d("nonlinearity"))
         g.add_argument("--init", choices=["default", "orthogonal", "identity", "xavier"],
@@ -1484,7 +1492,8 @@ def make_parser():
     b.add_argument("--shape", type=_parse_shape, action="append", metavar="T,B,I,H",
                    help="shape to measure (repeatable; default: 100,32,8,32 and "
                    "50,32,64,128)")
-    b.add_argument("--cell", choices=["rnn", "lstm", "both"], default="both")
+    b.add_argument("--cell", choices=["rnn", "lstm", "gru", "both", "all"], default="both",
+                   help="both: rnn and lstm; all: rnn, lstm and gru")
     b.add_argument("--seconds", type=float, default=0.2,
                    help="time spent measuring each entry")
     b.add_argument("--no-torch", action="store_true", help="leave PyTorch out")

@@ -27,9 +27,10 @@ def init_core(spec, flat, scheme, rng):
     """Fill the core part of `flat` according to `scheme`."""
     p = views(spec, flat)
     H, G = spec.H, spec.G
-    if scheme == "identity" and spec.mode == "lstm":
+    if scheme == "identity" and spec.mode in ("lstm", "gru"):
         raise ValueError("init: 'identity' (IRNN) is defined for fr.RNN only; "
-                         "use 'default', 'orthogonal' or 'xavier' for the LSTM")
+                         f"use 'default', 'orthogonal' or 'xavier' for the "
+                         f"{spec.mode.upper()}")
     for k in range(spec.L):
         for d in range(spec.D):
             names = spec.names(k, d)

@@ -1,5 +1,6 @@
-"""Recurrent layers: drop-in for torch.nn.RNN / nn.LSTM / nn.RNNCell /
-nn.LSTMCell, on NumPy arrays, with an explicit backward.
+"""Recurrent layers: drop-in for torch.nn.RNN / nn.LSTM / nn.GRU /
+nn.RNNCell / nn.LSTMCell / nn.GRUCell, on NumPy arrays, with an explicit
+backward.
 
 A layer owns its parameters as one flat buffer (``_buf``; the ``_flat``
 property makes it current first, see _mirror.py); ``state_dict`` returns
@@ -62,7 +63,7 @@ class _Base:
             check_int("seed", seed, lo=0)
         self.init = init
         self.seed = seed
-        self.backend = backends.resolve(backend)
+        self.backend = backends.resolve(backend, spec.mode)
         self._be = backends.get(self.backend)
         self._spec = spec
         self._buf = np.zeros(n_core_params(spec), dtype=self.dtype)
@@ -223,7 +224,8 @@ class _Recurrent(_Base):
         return dx, self._state_out(dst0)
 
     def __repr__(self):
-        extra = f", nonlinearity={self._spec.mode!r}" if not self._lstm else ""
+        mode = self._spec.mode
+        extra = f", nonlinearity={mode!r}" if mode not in ("lstm", "gru") else ""
         return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}, "
                 f"num_layers={self.num_layers}{extra}, bias={self.bias}, "
                 f"batch_first={self.batch_first}, bidirectional={self.bidirectional}, "
@@ -262,6 +264,39 @@ class LSTM(_Recurrent):
                              "use 'default', 'orthogonal' or 'xavier' for the LSTM")
         super().__init__("lstm", input_size, hidden_size, num_layers, bias,
                          batch_first, bidirectional, dtype, init, seed, backend)
+
+
+class GRU(_Recurrent):
+    """GRU with PyTorch's gate order (r, z, n) and equations:
+    r = s(W_ir x + b_ir + W_hr h + b_hr), z = s(W_iz x + b_iz + W_hz h + b_hz),
+    n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) n + z h.
+    Parameters as torch.nn.GRU: weight_ih_l{k} (3H, I_k), weight_hh_l{k}
+    (3H, H), bias_ih_l{k} (3H,), bias_hh_l{k} (3H,); state h only.
+    `dropout` (between stacked layers) must be 0 for now.
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, *,
+                 dtype=np.float32, init="default", seed=None, backend="auto"):
+        _no_dropout(dropout)
+        self.dropout = 0.0
+        if init == "identity":
+            raise ValueError("init: 'identity' (IRNN) is defined for fr.RNN only; "
+                             "use 'default', 'orthogonal' or 'xavier' for the GRU")
+        super().__init__("gru", input_size, hidden_size, num_layers, bias,
+                         batch_first, bidirectional, dtype, init, seed, backend)
+
+
+def _no_dropout(dropout):
+    """Inter-layer dropout is not implemented yet: 0 only."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.floating,
+                                                             np.integer)):
+        raise TypeError(f"dropout: expected a number, got {type(dropout).__name__}")
+    if not 0 <= dropout <= 1:
+        raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
+    if dropout != 0:
+        raise NotImplementedError(f"dropout={dropout}: inter-layer dropout is not "
+                                  "implemented yet; use dropout=0.0")
 
 
 class _Cell(_Base):
@@ -379,4 +414,17 @@ class LSTMCell(_Cell):
             raise ValueError("init: 'identity' (IRNN) is defined for fr.RNN only; "
                              "use 'default', 'orthogonal' or 'xavier' for the LSTM")
         super().__init__("lstm", input_size, hidden_size, bias, dtype, init, seed,
+                         backend)
+
+
+class GRUCell(_Cell):
+    """torch.nn.GRUCell: h' = cell(x, h), gates (r, z, n),
+    h' = (1 - z) n + z h with n = tanh(W_in x + b_in + r (W_hn h + b_hn))."""
+
+    def __init__(self, input_size, hidden_size, bias=True, *, dtype=np.float32,
+                 init="default", seed=None, backend="auto"):
+        if init == "identity":
+            raise ValueError("init: 'identity' (IRNN) is defined for fr.RNN only; "
+                             "use 'default', 'orthogonal' or 'xavier' for the GRU")
+        super().__init__("gru", input_size, hidden_size, bias, dtype, init, seed,
                          backend)

@@ -29,7 +29,7 @@ from .optim import Optimizer
 
 
 class SequenceModel:
-    """A recurrent core (fr.RNN or fr.LSTM) with a linear read-out.
+    """A recurrent core (fr.RNN, fr.LSTM or fr.GRU) with a linear read-out.
 
     z_t = W_out h_t + b_out on the top layer's output h_t (all directions).
     readout="all": a target at every step; "last": one target per sequence,
@@ -41,7 +41,7 @@ class SequenceModel:
     def __init__(self, core, output_size, *, loss="cross_entropy", readout="all",
                  seed=None):
         if not isinstance(core, _Recurrent):
-            raise TypeError(f"core: expected an fr.RNN or fr.LSTM, got {type(core).__name__}")
+            raise TypeError(f"core: expected an fr.RNN, fr.LSTM or fr.GRU, got {type(core).__name__}")
         self.output_size = check_int("output_size", output_size, lo=1)
         self.loss = check_choice("loss", loss, tuple(LOSSES))
         self.readout = check_choice("readout", readout, tuple(READOUTS))

@@ -10,11 +10,14 @@ from conftest import assert_close
 
 def make_layer(mode, I, H, L, bidir, dtype, backend, seed=0, bias=True,
                batch_first=False):
-    """An fr.LSTM (mode "lstm") or fr.RNN with nonlinearity ``mode``."""
+    """An fr.LSTM (mode "lstm"), fr.GRU ("gru") or fr.RNN with nonlinearity
+    ``mode``."""
     kw = dict(num_layers=L, bidirectional=bidir, dtype=dtype, seed=seed,
               backend=backend, bias=bias, batch_first=batch_first)
     if mode == "lstm":
         return fr.LSTM(I, H, **kw)
+    if mode == "gru":
+        return fr.GRU(I, H, **kw)
     return fr.RNN(I, H, nonlinearity=mode, **kw)
 
 

@@ -2,14 +2,15 @@
 a grid of options, float64 (1e-9 relative) and float32 (1e-4)."""
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fastrnn as fr
 from _layer_oracle import compare_layer, flat_state, make_layer, train_run
 from conftest import assert_close
+from fastrnn import backends
 
-MODES = ["tanh", "relu", "sigmoid", "lstm"]
+MODES = ["tanh", "relu", "sigmoid", "lstm", "gru"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -40,6 +41,7 @@ def test_edge_shapes(fast_backend, mode, case):
        dtype=st.sampled_from([np.float64, np.float32]), seed=st.integers(0, 2**16))
 def test_layer_grid(fast_backend, mode, T, B, I, H, L, bidir, bias, tokens, batch_first,
                     use_lengths, dtype, seed):
+    assume(backends.supports(fast_backend, mode))
     lengths = np.random.default_rng(seed).integers(1, T + 1, B) if use_lengths else None
     compare_layer(fast_backend, mode, dtype, tokens, T=T, B=B, I=I, H=H, L=L,
                   bidir=bidir, bias=bias, seed=seed, lengths=lengths,
@@ -62,7 +64,7 @@ OPTS = [lambda: fr.SGD(0.1), lambda: fr.SGD(0.05, momentum=0.9), lambda: fr.Adam
 CLIPS = [lambda: None, lambda: fr.ClipNorm(0.3), lambda: fr.ClipValue(0.02)]
 
 
-@pytest.mark.parametrize("mode", ["tanh", "lstm"])
+@pytest.mark.parametrize("mode", ["tanh", "lstm", "gru"])
 @pytest.mark.parametrize("opt", range(len(OPTS)))
 @pytest.mark.parametrize("clip", range(len(CLIPS)))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -102,7 +104,7 @@ def test_train_options_match_reference(fast_backend, mode, loss, readout, tokens
     assert_close(zb, za, np.float64, "model outputs")
 
 
-@pytest.mark.parametrize("mode", ["tanh", "lstm"])
+@pytest.mark.parametrize("mode", ["tanh", "lstm", "gru"])
 def test_products_split_over_cores(fast_backend, mode, monkeypatch):
     """The numba backend splits the input projection, the weight gradients
     (partial sums), the input gradient of a bidirectional layer and the

@@ -84,7 +84,7 @@ def test_activation_accuracy(mode, dtype):
 
 
 @needs_c
-@pytest.mark.parametrize("mode", ["tanh", "relu", "sigmoid", "lstm"])
+@pytest.mark.parametrize("mode", ["tanh", "relu", "sigmoid", "lstm", "gru"])
 def test_nan_in_input_propagates_like_the_reference(mode):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 3, 3)).astype(np.float32)
@@ -92,9 +92,7 @@ def test_nan_in_input_propagates_like_the_reference(mode):
     x[3, 2, 1] = np.inf
     out = {}
     for be in ("numpy", "c"):
-        layer = (fr.LSTM(3, 4, dtype=np.float32, seed=1, backend=be) if mode == "lstm"
-                 else fr.RNN(3, 4, nonlinearity=mode, dtype=np.float32, seed=1,
-                             backend=be))
+        layer = _layer(mode, 3, 4, be, np.float32, seed=1)
         with np.errstate(all="ignore"):
             o, _ = layer(x)
         out[be] = o
@@ -106,15 +104,17 @@ def test_nan_in_input_propagates_like_the_reference(mode):
 # --------------------------------------------------------------------------
 # both time-loop strategies, on the edges of the C product's tiles
 # --------------------------------------------------------------------------
-def _layer(mode, I, H, backend, dtype, **kw):
+def _layer(mode, I, H, backend, dtype, seed=3, **kw):
     if mode == "lstm":
-        return fr.LSTM(I, H, dtype=dtype, seed=3, backend=backend, **kw)
-    return fr.RNN(I, H, nonlinearity=mode, dtype=dtype, seed=3, backend=backend, **kw)
+        return fr.LSTM(I, H, dtype=dtype, seed=seed, backend=backend, **kw)
+    if mode == "gru":
+        return fr.GRU(I, H, dtype=dtype, seed=seed, backend=backend, **kw)
+    return fr.RNN(I, H, nonlinearity=mode, dtype=dtype, seed=seed, backend=backend, **kw)
 
 
 @needs_c
 @pytest.mark.parametrize("small_macs", [1 << 62, 0], ids=["c-loop", "blas-per-step"])
-@pytest.mark.parametrize("mode", ["tanh", "relu", "sigmoid", "lstm"])
+@pytest.mark.parametrize("mode", ["tanh", "relu", "sigmoid", "lstm", "gru"])
 @pytest.mark.parametrize("B,H", [(1, 21), (6, 21), (4, 16), (9, 3)])
 def test_time_loop_strategies_match_reference(monkeypatch, small_macs, mode, B, H):
     import fastrnn.backends.c as cb

@@ -20,6 +20,12 @@ def _rnn_model(dtype=np.float32):
     return fr.SequenceModel(core, 1, loss="mse", readout="last")
 
 
+def _gru_model(dtype=np.float64):
+    core = fr.GRU(3, 4, num_layers=2, bidirectional=True, dtype=dtype, init="xavier",
+                  seed=2)
+    return fr.SequenceModel(core, 4, loss="cross_entropy", readout="all")
+
+
 def _data(rng, T=7, B=3):
     return rng.standard_normal((T, B, 3)), rng.integers(0, 4, (T, B))
 
@@ -35,7 +41,7 @@ def test_public_names():
     assert "save" in fr.__all__ and "load" in fr.__all__
 
 
-@pytest.mark.parametrize("make", [_lstm_model, _rnn_model])
+@pytest.mark.parametrize("make", [_lstm_model, _rnn_model, _gru_model])
 def test_model_round_trip(tmp_path, make):
     model = make()
     for v in model.parameters().values():        # not the init: trained-looking values
@@ -73,9 +79,10 @@ def test_load_with_another_backend(tmp_path):
     (fr.SGD(0.1, momentum=0.9), fr.ClipValue(0.01), 0.5),
     (fr.Adagrad(0.05, eps=1e-6), None, None),
 ])
-def test_train_step_round_trip_continues_bitwise(tmp_path, opt, clip, state_clip):
+@pytest.mark.parametrize("make", [_lstm_model, _gru_model])
+def test_train_step_round_trip_continues_bitwise(tmp_path, opt, clip, state_clip, make):
     rng = np.random.default_rng(0)
-    model = _lstm_model()
+    model = make()
     step = fr.TrainStep(model, opt, clip=clip, state_clip=state_clip)
     for _ in range(3):
         step(*_data(rng))

@@ -68,16 +68,18 @@ def _compare_layer(mode, path, dtype=np.float64, tokens=False, **kw):
 
 @needs_cuda
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("mode", ["tanh", "relu", "sigmoid", "lstm"])
+@pytest.mark.parametrize("mode", ["tanh", "relu", "sigmoid", "lstm", "gru"])
 def test_layer_paths_match_reference(path, mode):
     _compare_layer(mode, path)
 
 
 @needs_cuda
 @pytest.mark.parametrize("path", ["persistent-global", "step"])
-def test_layer_paths_float32_tokens_no_bias(path):
-    _compare_layer("lstm", path, dtype=np.float32, tokens=True, bias=False, seed=1)
-    _compare_layer("tanh", path, dtype=np.float32, L=1, bidir=False, B=5, H=7, seed=2)
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_layer_paths_float32_tokens_no_bias(path, mode):
+    _compare_layer(mode, path, dtype=np.float32, tokens=True, bias=False, seed=1)
+    if mode == "lstm":
+        _compare_layer("tanh", path, dtype=np.float32, L=1, bidir=False, B=5, H=7, seed=2)
 
 
 def _train(backend, mode, path, readout, loss, tokens, steps=2, seed=0):
@@ -97,6 +99,8 @@ def _train(backend, mode, path, readout, loss, tokens, steps=2, seed=0):
     ("persistent-global", "relu", "last", "mse", True),
     ("step", "lstm", "last", "cross_entropy", True),
     ("step", "sigmoid", "all", "mse", False),
+    ("persistent-smem", "gru", "all", "cross_entropy", True),
+    ("step", "gru", "last", "mse", False),
 ])
 def test_train_step_paths_match_reference(path, mode, readout, loss, tokens):
     ra, pa, fa, za, oa = _train("numpy", mode, path, readout, loss, tokens)

@@ -39,7 +39,7 @@ def test_quick_mode_rewrites_every_block_of_a_copy(tmp_path):
     assert "$ fastrnn sample runs/char-licenses" in after["char"]
     assert "$ fastrnn backends" in after["bench"] and "loss = reference" in after["bench"]
     assert len(re.findall(r"^\| \d ", after["seeds"], re.M)) == 2
-    assert after["compare-story"].count("\n| ") == 5     # the header and 4 models
+    assert after["compare-story"].count("\n| ") == 6     # the header and 5 models
     assert str(tmp_path) not in page.read_text(), "scratch paths leaked into the page"
     # the prose outside the blocks is untouched
     assert BLOCK.sub("", page.read_text()) == BLOCK.sub("", open(PAGE).read())

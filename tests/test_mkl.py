@@ -71,7 +71,7 @@ def test_layer_matches_reference(mkl_paths, mode, dtype, B, L, bidir, tokens):
                   data_seed=B * 10 + L, after_forward=check_engine)
 
 
-@pytest.mark.parametrize("mode", ["tanh", "lstm"])
+@pytest.mark.parametrize("mode", ["tanh", "lstm", "gru"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_train_step_adam_clipnorm_matches_reference(mkl_paths, mode, dtype):
     """Three fused steps (Adam, ClipNorm, lengths, carried state) on MKL

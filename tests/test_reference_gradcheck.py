@@ -1,5 +1,5 @@
 """The reference backend against float64 central finite differences: every
-parameter, the input and the initial state; every cell mode, stacking,
+parameter, the input and the initial state; every cell mode (the GRU included), stacking,
 bidirectionality, lengths, token ids, both losses and both readouts."""
 import numpy as np
 import pytest
@@ -46,6 +46,7 @@ def _setup(mode, L, D, bias=True, T=4, B=2, I=3, H=3, tokens=False, seed=0):
 CORE_CASES = [
     ("tanh", 1, 1), ("relu", 1, 1), ("sigmoid", 1, 1), ("lstm", 1, 1),
     ("tanh", 2, 2), ("relu", 2, 1), ("sigmoid", 1, 2), ("lstm", 2, 2),
+    ("gru", 1, 1), ("gru", 2, 2),
 ]
 
 
@@ -73,7 +74,7 @@ def test_core_gradients(mode, L, D, use_lengths):
         assert np.all(dx[2:, 1] == 0)
 
 
-@pytest.mark.parametrize("mode", ["tanh", "lstm"])
+@pytest.mark.parametrize("mode", ["tanh", "lstm", "gru"])
 def test_core_gradients_no_bias_tokens(mode):
     spec, flat, x, state0, rng = _setup(mode, 2, 2, bias=False, tokens=True)
     T, B = x.shape
@@ -93,7 +94,7 @@ def test_core_gradients_no_bias_tokens(mode):
 
 @pytest.mark.parametrize("loss_kind", ["cross_entropy", "mse"])
 @pytest.mark.parametrize("readout", ["all", "last"])
-@pytest.mark.parametrize("mode,D", [("tanh", 2), ("lstm", 1)])
+@pytest.mark.parametrize("mode,D", [("tanh", 2), ("lstm", 1), ("gru", 2)])
 def test_model_loss_gradient(loss_kind, readout, mode, D):
     """d(loss)/d(every parameter incl. read-out), loss = sum over steps,
     mean over batch; with lengths."""

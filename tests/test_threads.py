@@ -42,8 +42,9 @@ CHILD = textwrap.dedent("""
     out = {{}}
     for cell, B, H, L, bidir in (("rnn", 16, 12, 1, False),
                                  ("lstm", 17, 8, 2, True),
-                                 ("lstm", 1, 70, 1, False)):
-        Cell = fr.LSTM if cell == "lstm" else fr.RNN
+                                 ("lstm", 1, 70, 1, False),
+                                 ("gru", 13, 8, 2, True)):
+        Cell = {{"lstm": fr.LSTM, "gru": fr.GRU}}.get(cell, fr.RNN)
         core = Cell(5, H, num_layers=L, bidirectional=bidir, seed=1,
                     backend="numba", dtype=np.float32)
         model = fr.SequenceModel(core, 3)

@@ -58,6 +58,6 @@ def test_bad_cell_or_optimizer_is_named():
     pytest.importorskip("torch")
     from fastrnn._torch_ref import TorchTrainStep
     with pytest.raises(ValueError, match="cell"):
-        TorchTrainStep("gru", 2, 3, 2)
+        TorchTrainStep("transformer", 2, 3, 2)
     with pytest.raises(ValueError, match="optimizer"):
         TorchTrainStep("rnn", 2, 3, 2, optimizer="rmsprop")

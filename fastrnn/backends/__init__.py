@@ -31,8 +31,12 @@ host access. A backend with ``DEVICE_INPUTS = True`` receives device arrays
 from the layers as _validate.DeviceSeq (validated shape, read in place).
 
 The layers pick one by name; nothing outside this package knows how a kernel
-works. Modules are imported lazily so that a missing optional dependency
-(numba, the C extension, numba-cuda) only disables its backend.
+works. A new cell may reach the backends one at a time: ``_LACKS`` lists
+the cell modes a backend does not implement (none at present); asking such
+a backend for that cell raises RuntimeError, and "auto" resolves to the
+first backend that has it. Modules are imported lazily so that a missing
+optional dependency (numba, the C extension, numba-cuda) only disables its
+backend.
 """
 import importlib
 
@@ -40,6 +44,8 @@ NAMES = ("numpy", "numba", "c", "cuda")
 _MODULES = {"numpy": ".reference", "numba": ".numba_cpu", "c": ".c",
             "cuda": ".cuda"}
 _cache = {}
+# cell modes a backend does not implement yet
+_LACKS = {}
 
 
 def _load(name):
@@ -58,15 +64,25 @@ def available_backends():
     return {n: (_load(n)[1], _load(n)[2]) for n in NAMES}
 
 
-def resolve(name):
-    """Backend name after resolving "auto"; checks availability."""
+def supports(name, mode):
+    """Whether backend `name` implements cell mode `mode` ("gru", "lstm", ...)."""
+    return mode not in _LACKS.get(name, ())
+
+
+def resolve(name, mode=None):
+    """Backend name after resolving "auto"; checks availability and, when
+    `mode` is given, that the backend implements that cell."""
     if not isinstance(name, str) or name not in NAMES + ("auto",):
         raise ValueError(f"backend: expected one of {NAMES + ('auto',)}, "
                          f"got {name!r}")
     if name == "auto":
         for n in ("numba", "c", "numpy"):
-            if _load(n)[1]:
+            if _load(n)[1] and (mode is None or supports(n, mode)):
                 return n
+    if mode is not None and not supports(name, mode):
+        have = [n for n in NAMES if supports(n, mode)]
+        raise RuntimeError(f"backend {name!r} does not implement the "
+                           f"{mode.upper()} cell yet; backends that do: {have}")
     mod, ok, why = _load(name)
     if not ok:
         raise RuntimeError(f"backend {name!r} is not available: {why}")

@@ -172,7 +172,8 @@ def add_tune_parser(sub, formatter_class=None):
         "tune", help="plan the numba backend's strategies for a grid of shapes "
         "now (compiling its kernels) and print the choices",
         formatter_class=formatter_class)
-    t.add_argument("--cells", default="rnn,lstm", help="comma-separated: rnn, lstm")
+    t.add_argument("--cells", default="rnn,lstm",
+                   help="comma-separated: rnn, lstm, gru")
     t.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
     t.add_argument("--hiddens", default="32,128,512", help="comma-separated hidden sizes")
     t.add_argument("--input-size", type=int, default=32)
@@ -197,10 +198,10 @@ def _ints(text, name):
 
 def cmd_tune(args):
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
-    bad = [c for c in cells if c not in ("rnn", "lstm")]
+    bad = [c for c in cells if c not in ("rnn", "lstm", "gru")]
     if bad or not cells:
-        raise SystemExit(f"fastrnn tune: error: --cells: expected rnn and/or "
-                         f"lstm, got {args.cells!r}")
+        raise SystemExit(f"fastrnn tune: error: --cells: expected some of rnn, "
+                         f"lstm, gru, got {args.cells!r}")
     batches = _ints(args.batches, "batches")
     hiddens = _ints(args.hiddens, "hiddens")
     if args.input_size < 1 or args.steps < 1:

@@ -13,13 +13,17 @@ Design (see DESIGN.md; the same functions as backends/reference.py):
 - The time loop of one direction of one layer is one C call
   (``fr_forward_*`` / ``fr_backward_*``): per step the recurrent product by
   explicit register-tiled loops, the biases, then the fused pointwise
-  update (activation, LSTM cell update, masked state carry for
+  update (activation, LSTM cell update, GRU gates, masked state carry for
   ``lengths``, state clipping of dL/dh, gradient flow). Derivatives come
   from the saved activations.
 - When the per-step product is large (B*H*G*H > SMALL_MACS multiply-adds)
   BLAS beats the explicit loops by more than the per-step overhead of
   Python, and a Python loop calls np.matmul and then the same C kernel for
   that one step (the kernel takes the product as an argument).
+- The GRU keeps the recurrent product W_hh h_{t-1} + b_hh apart from
+  W_ih x_t + b_ih (r multiplies its n block, as in PyTorch), so its
+  backward has two sets of deltas: the input side (for dW_ih, db_ih, dx)
+  and the recurrent side (for dW_hh, db_hh and dL/dh_{t-1}).
 - Loss (softmax cross-entropy or mse), the global norm, the non-finite
   guard, ClipNorm/ClipValue and the SGD/Adam/Adagrad update are one C call
   each. float32 activations use a vectorised exponential (within 2 ulps of
@@ -70,7 +74,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
 # per step from a Python loop (see the module docstring)
 SMALL_MACS = 1 << 20
 
-_MODES = {"tanh": 0, "relu": 1, "sigmoid": 2, "lstm": 3}
+_MODES = {"tanh": 0, "relu": 1, "sigmoid": 2, "lstm": 3, "gru": 4}
 _OPTS = {"sgd": 0, "adam": 1, "adagrad": 2}
 _CLIPS = {None: 0, "norm": 1, "value": 2}
 
@@ -106,24 +110,28 @@ class _Work:
     def __init__(self, spec, T, B, tok, dtype):
         self.key = (spec, T, B, tok, dtype)
         H, L, D = spec.H, spec.L, spec.D
-        lstm = spec.mode == "lstm"
-        G = 4 if lstm else 1
+        lstm, gru = spec.mode == "lstm", spec.mode == "gru"
+        G = spec.G
         GH, DH = G * H, D * H
         self.T, self.B, self.H, self.L, self.D, self.G = T, B, H, L, D, G
-        self.lstm, self.tok = lstm, tok
+        self.lstm, self.gru, self.tok = lstm, gru, tok
         self.sfx = "f32" if dtype == np.float32 else "f64"
         self.ctype = "float" if dtype == np.float32 else "double"
         self.fwd = getattr(lib, "fr_forward_" + self.sfx)
         self.bwd = getattr(lib, "fr_backward_" + self.sfx)
         self.small = B * H * GH <= SMALL_MACS
         nl = L * D if lstm else 0
+        ng = L * D if (lstm or gru) else 0
         e = np.empty
         self.HX = np.zeros((L * D, T + 2, B, H), dtype)
         self.CX = np.zeros((nl, T + 2, B, H), dtype)
-        self.GATES = e((nl, T, B, GH), dtype)
+        self.GATES = e((ng, T, B, GH), dtype)
         self.TC = e((nl, T, B, H), dtype)
+        self.HN = e((L * D if gru else 0, T, B, H), dtype)
         self.LOUT = e((L, T, B, DH), dtype)
         self.DELTA = e((T, B, GH), dtype)
+        # the deltas W_hh multiplies: the GRU's own recurrent side, else DELTA
+        self.DELTAH = e((T, B, GH), dtype) if gru else self.DELTA
         self.DIN = e((2 if L > 1 else 0, T * B * DH), dtype)  # d input, layers > 0
         self.DTOP = np.zeros((T, B, DH), dtype)   # gradient of the top output
         self.DH = np.zeros((2, B, H), dtype)      # dh, dc carried back
@@ -157,6 +165,7 @@ class _Work:
         self.fq, self.bq = [], []
         HXp, CXp, GAp, TCp, LOp = p(self.HX), p(self.CX), p(self.GATES), \
             p(self.TC), p(self.LOUT)
+        HNp = p(self.HN)
         DTOPp, DINp = p(self.DTOP), p(self.DIN)
         for k in range(L):
             for d in range(D):
@@ -169,6 +178,9 @@ class _Work:
                     fq.CX = CXp + kd * (T + 2) * B * H
                     fq.GATES = GAp + kd * T * B * GH
                     fq.TC = TCp + kd * T * B * H
+                if gru:
+                    fq.GATES = GAp + kd * T * B * GH
+                    fq.HN = HNp + kd * T * B * H
                 fq.out = LOp + k * T * B * DH + d * H
                 fq.scratch = p(self.SCR)
                 bq = ffi.new(f"fr_seq_{self.sfx} *")
@@ -181,13 +193,14 @@ class _Work:
                     j = (L - 2 - k) % 2
                     bq.out = DINp + j * T * B * DH + d * H
                 bq.DELTA = p(self.DELTA)
+                bq.DELTAH = p(self.DELTAH)
                 bq.dh = p(self.DH[0])
                 bq.dc = p(self.DH[1])
                 self.fq.append(fq)
                 self.bq.append(bq)
         # views for the Python loops of the BLAS path
         self.hrows = [list(self.HX[kd]) for kd in range(L * D)]
-        self.drows = list(self.DELTA)
+        self.drows = list(self.DELTAH)
         self.prod_f = self.PROD[:B * GH].reshape(B, GH)
         self.prod_b = self.PROD[:B * H].reshape(B, H)
         self.la = ffi.new("fr_loss_args *")
@@ -284,7 +297,8 @@ def _forward(w, spec, flat, x2, tok, lengths, state0, state_n):
         for d in range(D):
             kd = k * D + d
             W_ih, W_hh = views[kd][:2]
-            P = (w.GATES[kd] if w.lstm else w.HX[kd, 1:T + 1]).reshape(T * B, GH)
+            P = (w.GATES[kd] if (w.lstm or w.gru) else
+                 w.HX[kd, 1:T + 1]).reshape(T * B, GH)
             if k == 0 and tok is not None:
                 np.copyto(w.WIT, W_ih.T)
                 np.take(w.WIT, tok, axis=0, out=P, mode="clip")  # ids checked
@@ -321,6 +335,7 @@ def _backward(w, spec, flat, x2, tok, dstate_n, grad, dx, dstate0, sclip,
     T, B, H, L, D = w.T, w.B, w.H, w.L, w.D
     GH = w.G * H
     D2 = w.DELTA.reshape(T * B, GH)
+    D2H = w.DELTAH.reshape(T * B, GH)     # D2 itself except for the GRU
     views = w.bind(flat)
     gviews = w.gviews if grad is w.grad else _views(w.slices, grad)
     if want_flow:
@@ -365,7 +380,7 @@ def _backward(w, spec, flat, x2, tok, dstate_n, grad, dx, dstate0, sclip,
                 dstate0[1, kd] = w.DH[1]
             # parameter gradients: one product each over all T*B deltas
             hprev = w.HX[kd, 2:T + 2] if d else w.HX[kd, 0:T]
-            np.matmul(D2.T, hprev.reshape(T * B, H), out=gW_hh)
+            np.matmul(D2H.T, hprev.reshape(T * B, H), out=gW_hh)
             if k == 0 and tok is not None:
                 dwt = np.zeros((spec.I, GH), dtype=grad.dtype)
                 bad = getattr(lib, "fr_scatter_add_" + w.sfx)(
@@ -378,7 +393,10 @@ def _backward(w, spec, flat, x2, tok, dstate_n, grad, dx, dstate0, sclip,
                 np.matmul(D2.T, xin, out=gW_ih)
             if gb_ih is not None:
                 np.add.reduce(D2, axis=0, out=gb_ih)
-                gb_hh[...] = gb_ih
+                if w.gru:
+                    np.add.reduce(D2H, axis=0, out=gb_hh)
+                else:
+                    gb_hh[...] = gb_ih
             if din is not None:   # gradient of this layer's input
                 if d == 0:
                     np.matmul(D2, W_ih, out=din)

@@ -61,15 +61,23 @@ Inputs (x, lengths, hx, targets) may be NumPy arrays or CUDA device arrays
 Kernels compile on first use (cached on disk); precompile() compiles all of
 them for the argument types of kernel_signatures() ahead of time.
 
-Shapes on the device (S = 1 for the RNN, 2 for the LSTM; G gate blocks):
+The GRU (gates r, z, n) keeps W_hn h_{t-1} + b_hn apart, as PyTorch does
+(r multiplies it): its forward stores (r, z, n, W_hn h_{t-1} + b_hn) in GA,
+and its BPTT has two sets of deltas, the input side in DELTA (for dW_ih,
+db_ih and the input gradient) and the recurrent side in DELTAH (for dW_hh,
+db_hh and dL/dh_{t-1} = dh z + DELTAH W_hh).
+
+Shapes on the device (S = 1 for the RNN and GRU, 2 for the LSTM; G gate blocks):
   P, G: (n_params,) flat parameters / gradient; M: (2, n_params) moments
   SH:   (L, S, D, T+2, B, H) states; h_t at [.., t+1, ..], h0 at index 0
         (forward direction) or T+1 (reverse direction)
-  GA:   (L, D, T, B, 4H) LSTM gate activations (i, f, g, o)
+  GA:   (L, D, T, B, 4H) LSTM gate activations (i, f, g, o); GRU (r, z, n,
+        W_hn h_{t-1} + b_hn)
   LOUT: (L, T*B, D*H) layer outputs (zero at padding steps)
   XP:   (D, T*B, G*H) input projection of the current layer (no bias)
   WT:   (D*H*G*H,) W_hh transposed, [d][k][j] (coalesced forward reads)
   DELTA:(D, T*B, G*H) dL/da_t of the current layer, zero at padding
+  DELTAH: GRU only, (D, T*B, 3H): the recurrent side's deltas
 """
 import contextlib
 import importlib.util
@@ -106,7 +114,8 @@ if _HAVE_NUMBA_CUDA:
         cuda, _IMPORT_ERROR = None, e
 
 LSTM = 3
-_MODES = {"tanh": 0, "relu": 1, "sigmoid": 2, "lstm": 3}
+GRU = 4
+_MODES = {"tanh": 0, "relu": 1, "sigmoid": 2, "lstm": 3, "gru": 4}
 _OPTS = {"sgd": 0, "adam": 1, "adagrad": 2}
 _CLIPS = {None: 0, "norm": 1, "value": 2}
 
@@ -271,15 +280,42 @@ def _lstm_cell_backward(dh, dc, i, f, g, o, c, c_prev):
 
 
 @_device
-def _input_term(P, poff, XP, tok, dims, d, t, b, j):
-    """(W_ih x_t)_j + b_ih[j] + b_hh[j] for batch row b: the projection, or
-    for token ids a column gather of W_ih. dims: the forward kernels'."""
-    B, Ik, D, k, tokin, bias = dims[1], dims[3], dims[4], dims[6], dims[7], dims[8]
+def _gru_cell(xr, xz, xn, hr, hz, hn, h_prev):
+    """x*: input side W_ih x + b_ih, h*: recurrent side W_hh h + b_hh of the
+    gates (r, z, n). Returns h, r, z, n."""
+    r = _sigmoid(xr + hr)
+    z = _sigmoid(xz + hz)
+    n = math.tanh(xn + r * hn)
+    return (1.0 - z) * n + z * h_prev, r, z, n
+
+
+@_device
+def _gru_cell_backward(dh, r, z, n, hn, h_prev):
+    """dL/d(pre-activations) of r, z, n on the input side; the recurrent
+    side is (dr, dz, r dn); and the direct part dh z of dL/dh_{t-1}."""
+    dn = dh * (1.0 - z) * (1.0 - n * n)
+    dz = dh * (h_prev - n) * z * (1.0 - z)
+    dr = dn * hn * r * (1.0 - r)
+    return dr, dz, dn, dh * z
+
+
+@_device
+def _proj(P, poff, XP, tok, dims, d, t, b, j):
+    """(W_ih x_t)_j for batch row b: the projection, or for token ids a
+    column gather of W_ih. dims: the forward kernels'."""
+    B, Ik, D, k, tokin = dims[1], dims[3], dims[4], dims[6], dims[7]
     kd = k * D + d
     if tokin:
-        v = P[poff[kd, 0] + j * Ik + tok[t * B + b]]
-    else:
-        v = XP[d, t * B + b, j]
+        return P[poff[kd, 0] + j * Ik + tok[t * B + b]]
+    return XP[d, t * B + b, j]
+
+
+@_device
+def _input_term(P, poff, XP, tok, dims, d, t, b, j):
+    """(W_ih x_t)_j + b_ih[j] + b_hh[j] for batch row b."""
+    D, k, bias = dims[4], dims[6], dims[8]
+    kd = k * D + d
+    v = _proj(P, poff, XP, tok, dims, d, t, b, j)
     if bias:
         return v + P[poff[kd, 2] + j] + P[poff[kd, 3] + j]
     return v
@@ -290,8 +326,26 @@ def _unit_forward(dims, P, poff, XP, tok, GA, rec, c_prev, d, t, b, u):
     """Hidden unit u of batch row b at step t, from rec = its recurrent sums
     (W_hh h_{t-1}) of the G gate rows u, H+u, 2H+u, 3H+u: adds the input
     term and applies the cell; the LSTM's gate activations go to GA.
-    Returns (h_t, c_t) (c_t = c_prev for the RNN)."""
+    Returns (h_t, c_t) (c_t = c_prev for the RNN). For the GRU c_prev is
+    h_{t-1}, and GA gets (r, z, n, W_hn h_{t-1} + b_hn)."""
     H, mode = dims[2], dims[5]
+    if mode == GRU:
+        D, k, bias = dims[4], dims[6], dims[8]
+        kd = k * D + d
+        xn = _proj(P, poff, XP, tok, dims, d, t, b, 2 * H + u)
+        hn = rec[2]
+        if bias:
+            xn = xn + P[poff[kd, 2] + 2 * H + u]
+            hn = hn + P[poff[kd, 3] + 2 * H + u]
+        h, gr, gz, gn = _gru_cell(
+            _input_term(P, poff, XP, tok, dims, d, t, b, u),
+            _input_term(P, poff, XP, tok, dims, d, t, b, H + u),
+            xn, rec[0], rec[1], hn, c_prev)
+        GA[d, t, b, u] = gr
+        GA[d, t, b, H + u] = gz
+        GA[d, t, b, 2 * H + u] = gn
+        GA[d, t, b, 3 * H + u] = hn
+        return h, c_prev
     if mode == LSTM:
         h, c, gi, gf, gg, go = _lstm_cell(
             rec[0] + _input_term(P, poff, XP, tok, dims, d, t, b, u),
@@ -314,6 +368,22 @@ def _dot(W, w0, ws, v, v0, n):
     for kk in range(1, n):
         acc += W[w0 + kk * ws] * v[v0 + kk]
     return acc
+
+
+@_device
+def _dot3(W, w0, ws, gs, v, v0, n):
+    """_dot for three gate rows at once (offsets 0, gs, 2gs from w0)."""
+    hk = v[v0]
+    a0 = W[w0] * hk
+    a1 = W[w0 + gs] * hk
+    a2 = W[w0 + 2 * gs] * hk
+    for kk in range(1, n):
+        hk = v[v0 + kk]
+        wr = w0 + kk * ws
+        a0 += W[wr] * hk
+        a1 += W[wr + gs] * hk
+        a2 += W[wr + 2 * gs] * hk
+    return a0, a1, a2
 
 
 @_device
@@ -546,7 +616,8 @@ def _fwd_persistent_kernel(P, poff, WT, XP, tok, lengths, state0, SH, GA, lout,
     (transposed) in shared memory, 0 reads WT from global memory."""
     T, B, H, D, k, wsm = dims[0], dims[1], dims[2], dims[4], dims[6], dims[9]
     lstm = dims[5] == LSTM
-    GH = (4 if lstm else 1) * H
+    gru = dims[5] == GRU
+    GH = (4 if lstm else 3 if gru else 1) * H
     b = cuda.blockIdx.x
     d = cuda.blockIdx.y
     kd = k * D + d
@@ -582,10 +653,14 @@ def _fwd_persistent_kernel(P, poff, WT, XP, tok, lengths, state0, SH, GA, lout,
             if valid:
                 if lstm:
                     rec = _dot4(W, wbase + u, GH, H, hb, cur, H)
+                elif gru:
+                    q0, q1, q2 = _dot3(W, wbase + u, GH, H, hb, cur, H)
+                    rec = (q0, q1, q2, q2)
                 else:
                     r0 = _dot(W, wbase + u, GH, hb, cur, H)
                     rec = (r0, r0, r0, r0)
-                h, c = _unit_forward(dims, P, poff, XP, tok, GA, rec, cb[u], d, t, b, u)
+                cprev = hb[cur + u] if gru else cb[u]
+                h, c = _unit_forward(dims, P, poff, XP, tok, GA, rec, cprev, d, t, b, u)
                 if lstm:
                     cb[u] = c
                     SH[1, d, t + 1, b, u] = c
@@ -608,7 +683,7 @@ def _fwd_persistent_kernel(P, poff, WT, XP, tok, lengths, state0, SH, GA, lout,
 
 @_kernel
 def _bwd_persistent_kernel(P, poff, SH, GA, dl, lengths, dstate_n, DELTA,
-                           dstate0, flow2, dims, sclip, DCS):
+                           dstate0, flow2, dims, sclip, DCS, DELTAH):
     """BPTT of layer k for batch row b = blockIdx.x, direction d = blockIdx.y,
     over all T steps: dh_t = dl_t + delta_{t+1} W_hh (the latter only if step
     t+1 was valid), optional clamp of dh_t to [-sclip, sclip], then
@@ -618,11 +693,14 @@ def _bwd_persistent_kernel(P, poff, SH, GA, dl, lengths, dstate_n, DELTA,
     accumulates |dh_t|^2 of valid rows when flow is set. DCS (T*B, D*H):
     dL/dc_t from outside (LSTM top layer), added to dc at valid steps; a
     (1, 1) zero when there is none (a 0-size device array types as layout
-    "A"; the zero is harmless where T*B = D*H = 1 makes the shapes agree)."""
+    "A"; the zero is harmless where T*B = D*H = 1 makes the shapes agree).
+    GRU: the recurrent side's deltas go to DELTAH and to the shared buffer
+    (W_hh multiplies them), and dh keeps the direct part dh z."""
     T, B, H, D, mode = dims[0], dims[1], dims[2], dims[3], dims[4]
     k, wsm, flow, use_sclip = dims[5], dims[6], dims[7], dims[8]
     lstm = mode == LSTM
-    G = 4 if lstm else 1
+    gru = mode == GRU
+    G = 4 if lstm else 3 if gru else 1
     GH = G * H
     b = cuda.blockIdx.x
     d = cuda.blockIdx.y
@@ -658,7 +736,8 @@ def _bwd_persistent_kernel(P, poff, SH, GA, dl, lengths, dstate_n, DELTA,
         for u in range(tid, H, nt):
             dh = dhs[u]
             if prev_valid:
-                dh = _dot(W, wbase + u, H, ds, prv, GH)
+                carry = _dot(W, wbase + u, H, ds, prv, GH)
+                dh = dh + carry if gru else carry
             if valid:
                 dh += dl[t * B + b, d * H + u]
                 if use_sclip:
@@ -686,12 +765,29 @@ def _bwd_persistent_kernel(P, poff, SH, GA, dl, lengths, dstate_n, DELTA,
                     DELTA[d, t * B + b, H + u] = ds[cur + H + u]
                     DELTA[d, t * B + b, 2 * H + u] = ds[cur + 2 * H + u]
                     DELTA[d, t * B + b, 3 * H + u] = ds[cur + 3 * H + u]
+                elif gru:
+                    pp = t if d == 0 else t + 2
+                    gr = GA[d, t, b, u]
+                    dr, dz, dn, dh = _gru_cell_backward(
+                        dh, gr, GA[d, t, b, H + u], GA[d, t, b, 2 * H + u],
+                        GA[d, t, b, 3 * H + u], SH[0, d, pp, b, u])
+                    DELTA[d, t * B + b, u] = dr
+                    DELTA[d, t * B + b, H + u] = dz
+                    DELTA[d, t * B + b, 2 * H + u] = dn
+                    ds[cur + u] = dr
+                    ds[cur + H + u] = dz
+                    ds[cur + 2 * H + u] = gr * dn
+                    DELTAH[d, t * B + b, u] = ds[cur + u]
+                    DELTAH[d, t * B + b, H + u] = ds[cur + H + u]
+                    DELTAH[d, t * B + b, 2 * H + u] = ds[cur + 2 * H + u]
                 else:
                     ds[cur + u] = _dact(mode, SH[0, d, t + 1, b, u]) * dh
                     DELTA[d, t * B + b, u] = ds[cur + u]
             else:
                 for g in range(G):
                     DELTA[d, t * B + b, g * H + u] = 0
+                    if gru:
+                        DELTAH[d, t * B + b, g * H + u] = 0
             dhs[u] = dh
         prev_valid = valid
         cuda.syncthreads()
@@ -701,7 +797,8 @@ def _bwd_persistent_kernel(P, poff, SH, GA, dl, lengths, dstate_n, DELTA,
     for u in range(tid, H, nt):
         dh = dhs[u]
         if prev_valid:
-            dh = _dot(W, wbase + u, H, ds, last, GH)
+            carry = _dot(W, wbase + u, H, ds, last, GH)
+            dh = dh + carry if gru else carry
         dstate0[0, kd, b, u] = dh
         if lstm:
             dstate0[1, kd, b, u] = dcs[u]
@@ -720,7 +817,8 @@ def _fwd_step_kernel(P, poff, WT, XP, tok, lengths, state0, SH, GA, lout,
     dims as _fwd_persistent_kernel (wsm unused)."""
     T, B, H, D, k = dims[0], dims[1], dims[2], dims[4], dims[6]
     lstm = dims[5] == LSTM
-    G = 4 if lstm else 1
+    gru = dims[5] == GRU
+    G = 4 if lstm else 3 if gru else 1
     GH = G * H
     d = cuda.blockIdx.z
     kd = k * D + d
@@ -764,7 +862,12 @@ def _fwd_step_kernel(P, poff, WT, XP, tok, lengths, state0, SH, GA, lout,
                 SH[1, d, hp, b, u] = state0[1, kd, b, u]
         if t < lengths[b]:
             rec = (acc[r], acc[STEP_RB + r], acc[2 * STEP_RB + r], acc[3 * STEP_RB + r])
-            c_prev = SH[1, d, hp, b, u] if lstm else acc[r]
+            if lstm:
+                c_prev = SH[1, d, hp, b, u]
+            elif gru:
+                c_prev = SH[0, d, hp, b, u]
+            else:
+                c_prev = acc[r]
             h, c = _unit_forward(dims, P, poff, XP, tok, GA, rec, c_prev, d, t, b, u)
             if lstm:
                 SH[1, d, t + 1, b, u] = c
@@ -783,17 +886,19 @@ def _fwd_step_kernel(P, poff, WT, XP, tok, lengths, state0, SH, GA, lout,
 
 @_kernel
 def _bwd_step_kernel(P, poff, SH, GA, dl, lengths, dstate_n, DELTA, DHC,
-                     dstate0, flow2, dims, sclip, s, DCS):
+                     dstate0, flow2, dims, sclip, s, DCS, DELTAH):
     """Step s of layer k's BPTT, both directions (blockIdx.z); s == T is the
     final pass that writes dL/dh0 and dL/dc0. Block: STEP_NU hidden units x
     STEP_RB batch rows; the carry delta_{t_prev} W_hh is a small product over
     G*H, the rows' deltas staged in shared memory STEP_KT at a time. dh and
     dc are carried between launches in DHC (2, D, B, H).
-    dims and DCS as _bwd_persistent_kernel (wsm unused)."""
+    dims, DCS and DELTAH as _bwd_persistent_kernel (wsm unused); for the
+    GRU DHC[0] carries the direct part dh z."""
     T, B, H, D, mode = dims[0], dims[1], dims[2], dims[3], dims[4]
     k, flow, use_sclip = dims[5], dims[7], dims[8]
     lstm = mode == LSTM
-    G = 4 if lstm else 1
+    gru = mode == GRU
+    G = 4 if lstm else 3 if gru else 1
     GH = G * H
     d = cuda.blockIdx.z
     kd = k * D + d
@@ -814,7 +919,10 @@ def _bwd_step_kernel(P, poff, SH, GA, dl, lengths, dstate_n, DELTA, DHC,
                 r = e // STEP_KT
                 cc = e % STEP_KT
                 if b0 + r < B and c0 + cc < GH:
-                    ds[r * STEP_KT + cc] = DELTA[d, tp * B + b0 + r, c0 + cc]
+                    if gru:
+                        ds[r * STEP_KT + cc] = DELTAH[d, tp * B + b0 + r, c0 + cc]
+                    else:
+                        ds[r * STEP_KT + cc] = DELTA[d, tp * B + b0 + r, c0 + cc]
                 else:
                     ds[r * STEP_KT + cc] = 0
             cuda.syncthreads()
@@ -835,7 +943,12 @@ def _bwd_step_kernel(P, poff, SH, GA, dl, lengths, dstate_n, DELTA, DHC,
             dh = dstate_n[0, kd, b, u]
             dc = dstate_n[1, kd, b, u] if lstm else dh * 0
         else:
-            dh = acc[r] if tp < nb else DHC[0, d, b, u]
+            if tp >= nb:
+                dh = DHC[0, d, b, u]
+            elif gru:
+                dh = DHC[0, d, b, u] + acc[r]
+            else:
+                dh = acc[r]
             dc = DHC[1, d, b, u]
         if s == T:
             dstate0[0, kd, b, u] = dh
@@ -861,11 +974,25 @@ def _bwd_step_kernel(P, poff, SH, GA, dl, lengths, dstate_n, DELTA, DHC,
                 DELTA[d, row, H + u] = d1
                 DELTA[d, row, 2 * H + u] = d2
                 DELTA[d, row, 3 * H + u] = d3
+            elif gru:
+                pp = t if d == 0 else t + 2
+                gr = GA[d, t, b, u]
+                dr, dz, dn, dh = _gru_cell_backward(
+                    dh, gr, GA[d, t, b, H + u], GA[d, t, b, 2 * H + u],
+                    GA[d, t, b, 3 * H + u], SH[0, d, pp, b, u])
+                DELTA[d, row, u] = dr
+                DELTA[d, row, H + u] = dz
+                DELTA[d, row, 2 * H + u] = dn
+                DELTAH[d, row, u] = dr
+                DELTAH[d, row, H + u] = dz
+                DELTAH[d, row, 2 * H + u] = gr * dn
             else:
                 DELTA[d, row, u] = _dact(mode, SH[0, d, t + 1, b, u]) * dh
         else:
             for g in range(G):
                 DELTA[d, row, g * H + u] = 0
+                if gru:
+                    DELTAH[d, row, g * H + u] = 0
         DHC[0, d, b, u] = dh
         if lstm:
             DHC[1, d, b, u] = dc
@@ -1219,8 +1346,8 @@ def kernel_signatures(dtype):
         _range_kernel: (I1, i8, i8, I1),
         _fwd_persistent_kernel: fwd,
         _fwd_step_kernel: fwd + (i8,),
-        _bwd_persistent_kernel: bwd + (A[4], F1, ints(9), f8, A[2]),
-        _bwd_step_kernel: bwd + (A[4], A[4], F1, ints(9), f8, i8, A[2]),
+        _bwd_persistent_kernel: bwd + (A[4], F1, ints(9), f8, A[2], A[3]),
+        _bwd_step_kernel: bwd + (A[4], A[4], F1, ints(9), f8, i8, A[2], A[3]),
         _gather_last_kernel: (A[2], I1, A[2], ints(2)),
         _scatter_last_kernel: (A[2], I1, A[2], ints(3)),
         _loss_kernel: (A[2], A[1], I1, I1, A[2], A[2], F1, ints(7)),
@@ -1366,15 +1493,16 @@ def _prepare(c, spec, dtype, T, B, tok):
     GH = spec.G * H
     TB, DH = T * B, D * H
     W = max(I, DH)
-    lstm = spec.mode == "lstm"
+    gated = spec.mode in ("lstm", "gru")
     f8, i8 = np.float64, np.int64
     w = dict(
         SH=_alloc((L, S, D, T + 2, B, H), dtype),
-        GA=_alloc((L, D, T, B, 4 * H) if lstm else (1, 1, 1, 1, 1), dtype),
+        GA=_alloc((L, D, T, B, 4 * H) if gated else (1, 1, 1, 1, 1), dtype),
         LOUT=_alloc((L, TB, DH), dtype),
         XP=_alloc((D, TB, GH) if not tok or L > 1 else (1, 1, 1), dtype),
         WT=_alloc((D * H * GH,), dtype),
         DELTA=_alloc((D, TB, GH), dtype),
+        DELTAH=_alloc((D, TB, GH) if spec.mode == "gru" else (1, 1, 1), dtype),
         DL=[_alloc((TB * W,), dtype), _alloc((TB * W,), dtype)],
         DHC=_alloc((2, D, B, H), dtype),
         Z=_alloc((TB, O), dtype), DZ=_alloc((TB, O), dtype),
@@ -1455,7 +1583,7 @@ def _forward(c, w, spec, T, B, tok, path):
                     (P, w["POFF"], w["WT"], (H, k, D, GH)))
         dims = _dims(spec, T, B, k, tok, wsm)
         args = (P, w["POFF"], w["WT"], w["XP"], w["TOK"], w["LEN"], w["ST0"],
-                w["SH"][k], w["GA"][k] if spec.mode == "lstm" else w["GA"][0],
+                w["SH"][k], w["GA"][k] if spec.mode in ("lstm", "gru") else w["GA"][0],
                 w["LOUT"][k], w["STN"], dims)
         if route == "persistent":
             shm = (3 * H + (GH * H if wsm else 0)) * item
@@ -1516,6 +1644,7 @@ def _backward(c, w, spec, T, B, tok, path, dl, *, want_dx, flow, sclip,
     item = P.dtype.itemsize
     route, wsm = path
     lstm = spec.mode == "lstm"
+    gru = spec.mode == "gru"
     if flow:
         w["FLOW2"].copy_to_device(np.zeros(T))
     dx = None
@@ -1527,29 +1656,31 @@ def _backward(c, w, spec, T, B, tok, path, dl, *, want_dx, flow, sclip,
         tokin = tok and k == 0
         dims = (T, B, H, D, _MODES[spec.mode], k, int(wsm), int(flow and k == L - 1),
                 int(sclip is not None))
-        ga = w["GA"][k] if lstm else w["GA"][0]
+        ga = w["GA"][k] if (lstm or gru) else w["GA"][0]
         sc = 0.0 if sclip is None else float(sclip)
         if route == "persistent":
             shm = (2 * GH + 2 * H + (GH * H if wsm else 0)) * item
             _launch(_bwd_persistent_kernel, (B, D), _persist_threads(H),
                     (P, w["POFF"], w["SH"][k], ga, dl, w["LEN"], w["DST"],
-                     w["DELTA"], w["DST0"], w["FLOW2"], dims, sc, dck), shm)
+                     w["DELTA"], w["DST0"], w["FLOW2"], dims, sc, dck, w["DELTAH"]),
+                    shm)
         else:
             grid = ((H + STEP_NU - 1) // STEP_NU, (B + STEP_RB - 1) // STEP_RB, D)
             for s in range(T + 1):
                 _launch(_bwd_step_kernel, grid, STEP_NU,
                         (P, w["POFF"], w["SH"][k], ga, dl, w["LEN"], w["DST"],
                          w["DELTA"], w["DHC"], w["DST0"], w["FLOW2"], dims, sc, s,
-                         dck),
+                         dck, w["DELTAH"]),
                         STEP_RB * STEP_KT * item)
-        # dW_hh[d] = DELTA[d]^T @ h_prev rows (both directions in one launch)
+        # dW_hh[d] = DELTA[d]^T @ h_prev rows (both directions in one launch;
+        # the GRU's recurrent side: DELTAH)
         delta = w["DELTA"].ravel()
         sh = w["SH"][k].ravel()
         sh_d1 = (T + 2) * B * H + 2 * B * H    # reverse direction: h_prev at t+2
         w0 = poff[k * D, 1]
         wst = poff[k * D + 1, 1] - w0 if D == 2 else 0
-        _matmul(delta, sh, Gr[w0:], GH, H, TB, (1, GH), (H, 1), H, batch=D,
-                bstrides=(TB * GH, sh_d1, wst))
+        _matmul(w["DELTAH"].ravel() if gru else delta, sh, Gr[w0:], GH, H, TB,
+                (1, GH), (H, 1), H, batch=D, bstrides=(TB * GH, sh_d1, wst))
         i0 = poff[k * D, 0]
         ist = poff[k * D + 1, 0] - i0 if D == 2 else 0
         if not tokin:
@@ -1560,6 +1691,10 @@ def _backward(c, w, spec, T, B, tok, path, dl, *, want_dx, flow, sclip,
             _launch(_ih_bias_grad_kernel, (_grid1(GH), D), TPB,
                     (w["DELTA"], w["TOK"], w["POFF"], Gr,
                      (TB, GH, Ik, D, k, int(tokin), int(spec.bias))))
+        if gru and spec.bias:   # bias_hh from the recurrent side
+            for d in range(D):
+                _launch(_colsum_kernel, _grid1(GH), TPB,
+                        (w["DELTAH"][d], Gr, (TB, GH, int(poff[k * D + d, 3]))))
         if tokin or (k == 0 and not want_dx):
             continue
         # gradient of this layer's input: sum_d DELTA[d] @ W_ih[d]

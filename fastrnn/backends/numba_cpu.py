@@ -51,6 +51,11 @@ Design (see DESIGN.md):
   them through intrinsics, so numba's on-disk cache keeps working; each
   chunk sets MKL to one thread for its own thread.
 - Derivatives come from saved outputs (tanh' = 1 - h^2, sigmoid' = s(1-s)).
+- The GRU (gates r, z, n) keeps its recurrent product W_hh h_{t-1} apart
+  from the input projection, as PyTorch does, because r multiplies its n
+  block (W_hn h + b_hn, saved in HN for the backward); its BPTT has two
+  sets of deltas: the input side (DELTA: dW_ih, db_ih, the input gradient)
+  and the recurrent side (DELTAH: dW_hh, db_hh, dL/dh_{t-1}).
 - Float32 activations run once per step over whole blocks with a vectorised
   exp-based form (``_act_block``, ``_expm1_f32_row``) within a few float32
   ulps, NaN propagating; float64 uses libm and stays within 1e-9 of NumPy.
@@ -96,6 +101,7 @@ F_LR, F_MOM, F_B1, F_B2, F_EPS, F_LIMIT, F_SCLIP = range(7)
 R_LOSS, R_GNORM, R_CLIPPED, R_SKIPPED = range(4)
 
 LSTM = 3
+GRU = 4
 # The batch's fixed partition for the recurrences has at most this many
 # chunks (chunk_rows), whatever the thread count; the one-off products are
 # split over at most this many threads.
@@ -178,14 +184,18 @@ def available():
 # workspace
 # ============================================================================
 @njit(cache=True)
-def _sections(T, B, I, H, L, D, G, O, lstm, tok, npack):
-    """Sizes (in elements) of the workspace sections, in order."""
+def _sections(T, B, I, H, L, D, G, O, cell, tok, npack):
+    """Sizes (in elements) of the workspace sections, in order; cell: 0 the
+    Elman RNN, 1 the LSTM, 2 the GRU."""
     W = max(I, D * H)
-    s = np.zeros(18, dtype=np.int64)
+    lstm = 1 if cell == 1 else 0
+    gated = 1 if cell >= 1 else 0
+    gru = 1 if cell == 2 else 0
+    s = np.zeros(19, dtype=np.int64)
     s[0] = L * D * (T + 2) * B * H            # HX: hidden states
     s[1] = L * D * (T + 2) * B * H * lstm     # CX: cell states
-    s[2] = L * D * T * B * G * H * lstm       # GATES: i, f, g, o activations
-    s[3] = L * D * T * B * H * lstm           # TANHC: tanh(c_t)
+    s[2] = L * D * T * B * G * H * gated      # GATES: (i, f, g, o) / (r, z, n)
+    s[3] = L * D * T * B * H * gated          # TANHC: tanh(c_t) / GRU: HN
     s[4] = L * T * B * D * H                  # LOUT: layer outputs
     s[5] = T * B * G * H                      # DELTA: dL/da_t, one direction
     s[6] = T * B * W                          # DA: d layer output
@@ -200,6 +210,7 @@ def _sections(T, B, I, H, L, D, G, O, lstm, tok, npack):
     s[15] = B * D * H                         # HLAST
     s[16] = 2 * T * B * O                     # ZS: exp scratch of the loss
     s[17] = npack                             # PACK: MKL packed W_hh, per chunk
+    s[18] = T * B * G * H * gru               # DELTAH: GRU recurrent-side deltas
     return s
 
 
@@ -213,11 +224,11 @@ def _section(ws, sizes, j):
     return ws[off:off + sizes[j]]
 
 
-def workspace_size(T, B, I, H, L, D, G, O, lstm, tok, npack=0):
+def workspace_size(T, B, I, H, L, D, G, O, cell, tok, npack=0):
     # _sections as plain Python: calling the compiled one here would load
     # (and type) a second entry point from numba's cache at start-up
     s = _sections.py_func(int(T), int(B), int(I), int(H), int(L), int(D),
-                          int(G), int(O), int(lstm), int(tok), int(npack))
+                          int(G), int(O), int(cell), int(tok), int(npack))
     return int(((s + 15) // 16 * 16).sum())
 
 
@@ -868,9 +879,10 @@ def _transpose_into(W, dst):
 
 
 @njit(cache=True)
-def _project(x, tok, W_ih, b_ih, b_hh, bias, dst, wt, nc, par):
-    """dst (T*B, G*H) = x @ W_ih.T + b_ih + b_hh; token ids gather rows of
-    W_ih.T (wt: scratch for W_ih transposed)."""
+def _project(x, tok, W_ih, b_ih, b_hh, bias, hh_cols, dst, wt, nc, par):
+    """dst (T*B, G*H) = x @ W_ih.T + b_ih + b_hh, b_hh in the first hh_cols
+    columns only (the GRU's n block gets b_hn in its recurrent term); token
+    ids gather rows of W_ih.T (wt: scratch for W_ih transposed)."""
     GH = W_ih.shape[0]
     if tok.shape[0] > 0:
         WT = _transpose_into(W_ih, wt)
@@ -886,8 +898,10 @@ def _project(x, tok, W_ih, b_ih, b_hh, bias, dst, wt, nc, par):
     if bias:
         for r in range(dst.shape[0]):
             d = dst[r]
-            for j in range(GH):
+            for j in range(hh_cols):
                 d[j] += b_ih[j] + b_hh[j]
+            for j in range(hh_cols, GH):
+                d[j] += b_ih[j]
 
 
 # ============================================================================
@@ -1189,6 +1203,118 @@ def _lstm_back_recur(rev, lengths, W_hh, GATES, CX, TC, dlout, col,
                 dh[b] = nxt[b - r0]
 
 
+@njit(cache=True)
+def _gru_recur(fast, rev, lengths, W_hh, b_hn, GATES, HX, HN, lout, col, co,
+               cot, r0, r1, mk, pbuf):
+    """GRU recurrence of one direction for batch rows [r0, r1), gates in
+    PyTorch's order (r, z, n):
+        r = s(a_r + p_r),  z = s(a_z + p_z),  n = tanh(a_n + r (p_n + b_hn)),
+        h_t = (1 - z) n + z h_{t-1}
+    with a = GATES[t] on entry (W_ih x_t + b_ih, + b_hh for r and z) and
+    p = W_hh h_{t-1}, this step's product, kept apart from a. GATES holds
+    (r, z, n) on exit, HN (T, B, H) p_n + b_hn; b_hn is empty without bias.
+    co: sigmoid coefficients, cot: tanh (see _act_coefs)."""
+    T = HX.shape[0] - 2
+    H = HX.shape[2]
+    n = r1 - r0
+    _mkl_pack_w(mk, W_hh, n, True, pbuf)
+    prod = np.empty((n, 3 * H), dtype=HX.dtype)
+    fscr = np.empty(2 * H, dtype=HX.dtype)
+    ibuf = np.empty(2 * H, dtype=np.int32)
+    for s in range(T):
+        t = T - 1 - s if rev else s
+        tp = t + 2 if rev else t
+        prod[:] = 0
+        _step_nt(mk, HX[tp, r0:r1], W_hh, prod, pbuf)
+        for b in range(r0, r1):
+            a = GATES[t, b]
+            p = prod[b - r0]
+            hn = HN[t, b]
+            for j in range(2 * H):
+                a[j] += p[j]
+            _act_block(fast, False, a[0:2 * H], a[0:2 * H], co, fscr, ibuf)
+            for j in range(H):
+                hn[j] = p[2 * H + j] + b_hn[j] if b_hn.shape[0] > 0 else p[2 * H + j]
+                a[2 * H + j] += a[j] * hn[j]
+            _act_block(fast, False, a[2 * H:3 * H], a[2 * H:3 * H], cot, fscr, ibuf)
+            h = HX[t + 1, b]
+            hp = HX[tp, b]
+            o_ = lout[t, b, col:col + H]
+            if t < lengths[b]:
+                zg = a[H:2 * H]
+                ng = a[2 * H:3 * H]
+                for j in range(H):
+                    h[j] = (1 - zg[j]) * ng[j] + zg[j] * hp[j]
+                    o_[j] = h[j]
+            else:
+                for j in range(H):
+                    h[j] = hp[j]
+                    o_[j] = 0
+
+
+@njit(cache=True)
+def _gru_back_recur(rev, lengths, W_hh, GATES, HX, HN, dlout, col, dh, DELTA,
+                    DELTAH, sclip, use_sclip, flow, r0, r1, mk, pbuf):
+    """BPTT of one GRU direction for batch rows [r0, r1), beside _gru_recur:
+        dn = dh (1 - z)(1 - n^2),  dz = dh (h_{t-1} - n) z (1 - z),
+        dr = dn (p_n + b_hn) r (1 - r),
+        DELTA[t] = (dr, dz, dn)      (input side: dW_ih, db_ih, dx)
+        DELTAH[t] = (dr, dz, r dn)   (recurrent side: dW_hh, db_hh)
+        dL/dh_{t-1} = dh z + DELTAH[t] @ W_hh.
+    dh (B, H) holds dL/dh_T on entry and dL/dh0 on exit; W_hh comes
+    transposed (see _step_nn)."""
+    T = HX.shape[0] - 2
+    H = dh.shape[1]
+    _mkl_pack_w(mk, W_hh, r1 - r0, False, pbuf)
+    nxt = np.empty((r1 - r0, H), dtype=dh.dtype)
+    for s in range(T):
+        t = s if rev else T - 1 - s
+        tp = t + 2 if rev else t
+        for b in range(r0, r1):
+            dl = DELTA[t, b]
+            dlh = DELTAH[t, b]
+            if t < lengths[b]:
+                d = dh[b]
+                g = dlout[t, b, col:col + H]
+                for j in range(H):
+                    d[j] += g[j]
+                if use_sclip:
+                    for j in range(H):
+                        d[j] = min(max(d[j], -sclip), sclip)
+                acc = 0.0
+                for j in range(H):
+                    acc += np.float64(d[j]) * d[j]
+                flow[t] += acc
+                a = GATES[t, b]
+                hn = HN[t, b]
+                hp = HX[tp, b]
+                for j in range(H):
+                    r = a[j]
+                    z = a[H + j]
+                    nn = a[2 * H + j]
+                    dn = d[j] * (1 - z) * (1 - nn * nn)
+                    dz = d[j] * (hp[j] - nn) * z * (1 - z)
+                    dr = dn * hn[j] * r * (1 - r)
+                    dl[j] = dr
+                    dl[H + j] = dz
+                    dl[2 * H + j] = dn
+                    dlh[j] = dr
+                    dlh[H + j] = dz
+                    dlh[2 * H + j] = r * dn
+                    d[j] = d[j] * z
+            else:
+                for j in range(3 * H):
+                    dl[j] = 0
+                    dlh[j] = 0
+        _step_nn(mk, DELTAH[t, r0:r1], W_hh, nxt, pbuf)
+        for b in range(r0, r1):
+            if t < lengths[b]:
+                d = dh[b]
+                q = nxt[b - r0]
+                for j in range(H):
+                    d[j] += q[j]
+
+
 # ---- the recurrences, batch rows split into chunks run on separate cores ---
 # Batch rows are independent in the recurrence, so each core runs the whole
 # time loop for its rows: no synchronisation per step. The chunks are a
@@ -1197,14 +1323,18 @@ def _lstm_back_recur(rev, lengths, W_hh, GATES, CX, TC, dlout, col,
 # 2 or 4 threads; numba's scheduler hands the chunks to its threads.
 @njit(cache=True, parallel=True)
 def _forward_chunks(lstm, mode, fast, rc, nc, rev, lengths, W_hh, GATES,
-                    HX, CX, TC, lout, col, co, cot, mk, pack):
+                    HX, CX, TC, lout, col, co, cot, mk, pack, b_hn):
+    """TC is the GRU's HN; b_hn its n block of b_hh (empty without bias)."""
     B = HX.shape[1]
     for c in prange(nc):
         r0 = c * rc
         r1 = min(B, r0 + rc)
         pbuf = _pack_slot(pack, mk, c)
         prev = _mkl_enter(mk)
-        if lstm:
+        if mode == GRU:
+            _gru_recur(fast, rev, lengths, W_hh, b_hn, GATES, HX, TC, lout,
+                       col, co, cot, r0, r1, mk, pbuf)
+        elif lstm:
             _lstm_recur(fast, rev, lengths, W_hh, GATES, HX, CX, TC,
                         lout, col, co, cot, r0, r1, mk, pbuf)
         else:
@@ -1216,14 +1346,19 @@ def _forward_chunks(lstm, mode, fast, rc, nc, rev, lengths, W_hh, GATES,
 @njit(cache=True, parallel=True)
 def _backward_chunks(lstm, mode, rc, nc, rev, lengths, W_hh, GATES, HX, CX,
                      TC, dlout, col, dh, dc, DELTA, sclip, use_sclip, flowc,
-                     mk, pack, dcs):
+                     mk, pack, dcs, DELTAH):
+    """TC is the GRU's HN; DELTAH its recurrent-side deltas."""
     B = HX.shape[1]
     for c in prange(nc):
         r0 = c * rc
         r1 = min(B, r0 + rc)
         pbuf = _pack_slot(pack, mk, c)
         prev = _mkl_enter(mk)
-        if lstm:
+        if mode == GRU:
+            _gru_back_recur(rev, lengths, W_hh, GATES, HX, TC, dlout, col, dh,
+                            DELTA, DELTAH, sclip, use_sclip, flowc[c], r0, r1,
+                            mk, pbuf)
+        elif lstm:
             _lstm_back_recur(rev, lengths, W_hh, GATES, CX, TC, dlout,
                              col, dh, dc, DELTA, sclip, use_sclip, flowc[c],
                              r0, r1, mk, pbuf, dcs)
@@ -1236,15 +1371,17 @@ def _backward_chunks(lstm, mode, rc, nc, rev, lengths, W_hh, GATES, HX, CX,
 
 @njit(cache=True)
 def _dir_param_grads(x, tok, rev, HX, DELTA, gW_ih, gW_hh, gb_ih, gb_hh,
-                     bias, dwt, wt, wg, nc, par):
+                     bias, dwt, wt, wg, nc, par, DELTAH, gru):
     """dW_ih, dW_hh as one product each over all stored deltas (rows of the
-    gradient split over the cores); db by column sums."""
+    gradient split over the cores); db by column sums. The GRU's W_hh and
+    b_hh take the recurrent-side deltas DELTAH."""
     T = HX.shape[0] - 2
     B, H = HX.shape[1], HX.shape[2]
     GH = DELTA.shape[2]
     Dl = DELTA.reshape((T * B, GH))
+    Dh = DELTAH.reshape((T * B, GH)) if gru else Dl
     hprev = HX[2:T + 2] if rev else HX[0:T]
-    _weight_grad(Dl, hprev.reshape((T * B, H)), gW_hh, wt, wg, nc, par)
+    _weight_grad(Dh, hprev.reshape((T * B, H)), gW_hh, wt, wg, nc, par)
     if tok.shape[0] > 0:
         I = gW_ih.shape[1]
         dw = dwt[:I * GH].reshape((I, GH))
@@ -1261,7 +1398,10 @@ def _dir_param_grads(x, tok, rev, HX, DELTA, gW_ih, gW_hh, gb_ih, gb_hh,
         _weight_grad(Dl, x, gW_ih, wt, wg, nc, par)
     if bias:
         _colsum(Dl, gb_ih)
-        gb_hh[:] = gb_ih
+        if gru:
+            _colsum(Dh, gb_hh)
+        else:
+            gb_hh[:] = gb_ih
 
 
 # ============================================================================
@@ -1279,13 +1419,14 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
     T, B, I, H = cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H]
     L, D, mode = cfg[C_L], cfg[C_D], cfg[C_MODE]
     bias, fast = cfg[C_BIAS] != 0, cfg[C_FAST] != 0
-    G = 4 if mode == LSTM else 1
+    G = _gates(mode)
     sz = _sections_of(cfg)
     HXall = _section(ws, sz, 0).reshape((L * D, T + 2, B, H))
     nl = L * D if mode == LSTM else 0   # LSTM-only sections are empty otherwise
+    ng = L * D if mode >= LSTM else 0   # LSTM and GRU
     CXall = _section(ws, sz, 1).reshape((nl, T + 2, B, H))
-    GATESall = _section(ws, sz, 2).reshape((nl, T, B, 4 * H))
-    TCall = _section(ws, sz, 3).reshape((nl, T, B, H))
+    GATESall = _section(ws, sz, 2).reshape((ng, T, B, G * H))
+    TCall = _section(ws, sz, 3).reshape((ng, T, B, H))    # GRU: HN
     LOUT = _section(ws, sz, 4).reshape((L, T, B, D * H))
     wt = _section(ws, sz, 11)
     mk = cfg[C_MKL:C_MKL + 6]
@@ -1296,6 +1437,7 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
     ncg = cfg[C_NCG]
     rc = cfg[C_RC]
     lstm = mode == LSTM
+    gated = mode >= LSTM
     GH = G * H
     for k in range(L):
         Ik = I if k == 0 else D * H
@@ -1318,12 +1460,15 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
                 b_hh = flat[:0]
             HX = HXall[kd]
             # the RNN has no gate/cell buffers: pass HX in their place
-            GATES = GATESall[kd] if lstm else HX
+            GATES = GATESall[kd] if gated else HX
             CX = CXall[kd] if lstm else HX
-            TC = TCall[kd] if lstm else HX
-            P = GATES.reshape((T * B, GH)) if lstm else HX[1:T + 1].reshape((T * B, H))
+            TC = TCall[kd] if gated else HX
+            P = GATES.reshape((T * B, GH)) if gated else HX[1:T + 1].reshape((T * B, H))
             # input projection for all T*B rows: one product before the loop
-            _project(xin, tk, W_ih, b_ih, b_hh, bias, P, wt, ncg, cfg[C_PAR])
+            # (the GRU's b_hn joins its recurrent term instead)
+            hh_cols = 2 * H if mode == GRU else GH
+            _project(xin, tk, W_ih, b_ih, b_hh, bias, hh_cols, P, wt, ncg,
+                     cfg[C_PAR])
             hpos0 = T + 1 if d == 1 else 0
             HX[hpos0] = state0[0, kd]
             if lstm:
@@ -1332,7 +1477,7 @@ def core_forward_kernel(cfg, flat, x, tok, lengths, state0, ws, state_n):
                 W_hh = _tile_order(W_hh, wt)
             _forward_chunks(lstm, mode, fast, rc, nc, d == 1, lengths,
                             W_hh, GATES, HX, CX, TC, LOUT[k], d * H, co, cot,
-                            mk, pack)
+                            mk, pack, b_hh[2 * H:3 * H] if mode == GRU else b_hh[:0])
             hpos = 1 if d == 1 else T
             # final state: for the forward direction the state at lengths-1
             # (padding steps carried it to HX[T]); reverse: the state after t=0
@@ -1355,17 +1500,20 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
     L, D, mode = cfg[C_L], cfg[C_D], cfg[C_MODE]
     bias = cfg[C_BIAS] != 0
     use_sclip = cfg[C_SCLIP] != 0
-    G = 4 if mode == LSTM else 1
+    G = _gates(mode)
     GH = G * H
     has_tok = tok.shape[0] > 0
     sz = _sections_of(cfg)
     HXall = _section(ws, sz, 0).reshape((L * D, T + 2, B, H))
     nl = L * D if mode == LSTM else 0
+    ng = L * D if mode >= LSTM else 0
     CXall = _section(ws, sz, 1).reshape((nl, T + 2, B, H))
-    GATESall = _section(ws, sz, 2).reshape((nl, T, B, 4 * H))
-    TCall = _section(ws, sz, 3).reshape((nl, T, B, H))
+    GATESall = _section(ws, sz, 2).reshape((ng, T, B, GH))
+    TCall = _section(ws, sz, 3).reshape((ng, T, B, H))     # GRU: HN
     LOUT = _section(ws, sz, 4).reshape((L, T, B, D * H))
     DELTA = _section(ws, sz, 5).reshape((T, B, GH))
+    gru = mode == GRU
+    DELTAH = _section(ws, sz, 18).reshape((T if gru else 0, B, GH))
     DA = _section(ws, sz, 6)
     DB = _section(ws, sz, 7)
     DH = _section(ws, sz, 10).reshape((2, B, H))
@@ -1377,6 +1525,7 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
     ncg = cfg[C_NCG]
     rc = cfg[C_RC]
     lstm = mode == LSTM
+    gated = mode >= LSTM
     flowc = np.zeros((nc, T), dtype=np.float64)
     flow[:] = 0
     dl = dtop
@@ -1413,11 +1562,11 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
             # the backward recurrences get W_hh transposed (see _step_nn)
             _backward_chunks(lstm, mode, rc, nc, d == 1, lengths,
                              _transpose_into(W_hh, wt),
-                             GATESall[kd] if lstm else HX, HX,
+                             GATESall[kd] if gated else HX, HX,
                              CXall[kd] if lstm else HX,
-                             TCall[kd] if lstm else HX, dl, d * H, dh, dc,
+                             TCall[kd] if gated else HX, dl, d * H, dh, dc,
                              DELTA, sclip, use_sclip, flowc, mk, pack,
-                             dcs if k == L - 1 else dcs[:0])
+                             dcs if k == L - 1 else dcs[:0], DELTAH)
             if k == L - 1:
                 for c in range(nc):
                     for t in range(T):
@@ -1427,7 +1576,7 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
             dstate0[0, kd] = dh
             _dir_param_grads(xin, tk, d == 1, HXall[kd], DELTA, gW_ih, gW_hh,
                              gb_ih, gb_hh, bias, dwt, wt, _section(ws, sz, 9),
-                             ncg, cfg[C_PAR])
+                             ncg, cfg[C_PAR], DELTAH, gru)
             # gradient of this layer's input (not for token ids, nor when the
             # caller passes an empty dx: training needs no input gradient)
             if not (k == 0 and (has_tok or dx.shape[0] == 0)):
@@ -1552,10 +1701,16 @@ def readout_forward_kernel(cfg, flat, lengths, top, ws):
 @njit(cache=True)
 def _sections_of(cfg):
     mode = cfg[C_MODE]
-    G = 4 if mode == LSTM else 1
+    cell = 1 if mode == LSTM else 2 if mode == GRU else 0
     return _sections(cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H], cfg[C_L],
-                     cfg[C_D], G, cfg[C_O], 1 if mode == LSTM else 0,
+                     cfg[C_D], _gates(mode), cfg[C_O], cell,
                      cfg[C_TOK], cfg[C_NC] * cfg[C_MKL_PACKN])
+
+
+@njit(cache=True)
+def _gates(mode):
+    """Gate blocks G: 4 for the LSTM, 3 for the GRU, 1 for the Elman RNN."""
+    return 4 if mode == LSTM else 3 if mode == GRU else 1
 
 
 @njit(cache=True)
@@ -1726,7 +1881,8 @@ def flow_kernel(cfg, flat, grad, batch, ws, state_n, flow):
 # ============================================================================
 _OPTS = {"sgd": 0, "adam": 1, "adagrad": 2}
 _CLIPS = {None: 0, "norm": 1, "value": 2}
-_MODES = {"tanh": 0, "relu": 1, "sigmoid": 2, "lstm": 3}
+_MODES = {"tanh": 0, "relu": 1, "sigmoid": 2, "lstm": 3, "gru": 4}
+_CELLS = {"lstm": 1, "gru": 2}      # the workspace's cell code (_sections)
 
 
 class _Ctx:
@@ -1770,7 +1926,7 @@ def _mkl_config(cfg, spec, dtype, flags, rc):
     cfg[C_MKL_LOCAL] = _MKL.set_threads_local
     if not flags & MK_PACKED:
         return 0
-    H, GH = spec.H, (4 if spec.mode == "lstm" else 1) * spec.H
+    H, GH = spec.H, spec.G * spec.H
     m = rc                                 # the largest chunk
     nbytes = max(_MKL.pack_size(t, _B_MATRIX, m, GH, H),     # W_hh.T, forward
                  _MKL.pack_size(t, _B_MATRIX, m, H, GH))     # W_hh, backward
@@ -1804,9 +1960,8 @@ def _make_cfg(spec, dtype, T, B, tok, flags):
     cfg[C_WOUT], cfg[C_BOUT] = out_offsets(spec)
     cfg[C_POFF:] = poff.ravel()
     packn = _mkl_config(cfg, spec, dtype, flags, rc)
-    G = 4 if spec.mode == "lstm" else 1
-    n = workspace_size(T, B, spec.I, spec.H, spec.L, spec.D, G, spec.O,
-                       int(spec.mode == "lstm"), int(tok), cfg[C_NC] * packn)
+    n = workspace_size(T, B, spec.I, spec.H, spec.L, spec.D, spec.G, spec.O,
+                       _CELLS.get(spec.mode, 0), int(tok), cfg[C_NC] * packn)
     return cfg, n
 
 
@@ -1876,7 +2031,7 @@ def t_class(T):
 
 def shape_class(spec, dtype, B, tok, T):
     """The plan's key of a shape (the read-out only scales the work)."""
-    cell = "lstm" if spec.mode == "lstm" else "rnn"
+    cell = spec.mode if spec.mode in ("lstm", "gru") else "rnn"
     return (f"{cell}/{np.dtype(dtype).name}/B={B}/H={spec.H}/I={spec.I}/"
             f"L={spec.L}/D={spec.D}/T~{t_class(T)}/{'tok' if tok else 'x'}/"
             f"gemm={_GEMM}")
@@ -1932,8 +2087,8 @@ def tune(cells, batches, hiddens, I=32, dtype="float32", replan=False, T=100):
     for cell in cells:
         for B in batches:
             for H in hiddens:
-                spec = make_spec("lstm" if cell == "lstm" else "tanh", I, H,
-                                 O=10)
+                spec = make_spec(cell if cell in ("lstm", "gru") else "tanh",
+                                 I, H, O=10)
                 if replan and plan is not None:
                     key = shape_class(spec, dtype, B, False, T)
                     if plan.get(key) is not None:

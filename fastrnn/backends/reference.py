@@ -8,9 +8,10 @@ differences (tests/test_reference_gradcheck.py).
 Conventions shared with every backend (see fastrnn/backends/__init__.py):
   x        (T, B, I) float, or (T, B) int64 token ids
   lengths  (B,) int64 in [1, T]
-  state0   (S, L*D, B, H): S = 1 (h) for the RNN, 2 (h, c) for the LSTM
+  state0   (S, L*D, B, H): S = 1 (h) for the RNN and GRU, 2 (h, c) for the LSTM
   out      (T, B, D*H), zero at padding steps
-Gate blocks are in PyTorch's order (i, f, g, o).
+Gate blocks are in PyTorch's order: (i, f, g, o) for the LSTM, (r, z, n)
+for the GRU.
 """
 import numpy as np
 
@@ -80,13 +81,30 @@ def core_forward(spec, flat, x, lengths, state0, ctx=None):
         for d in range(D):
             names = spec.names(k, d)
             W_ih, W_hh = p[names[0]], p[names[1]]
-            b = (p[names[2]] + p[names[3]]) if spec.bias else np.zeros(W_hh.shape[0], dtype)
+            zero_b = np.zeros(W_hh.shape[0], dtype)
+            b_ih = p[names[2]] if spec.bias else zero_b
+            b_hh = p[names[3]] if spec.bias else zero_b
+            b = b_ih + b_hh
             h = state0[0, k * D + d].copy()
             c = state0[1, k * D + d].copy() if spec.mode == "lstm" else None
             steps = range(T) if d == 0 else range(T - 1, -1, -1)
             saved = []
             for t in steps:
                 valid = (t < lengths)[:, None]
+                if spec.mode == "gru":
+                    # the recurrent n block is kept apart: r multiplies it
+                    ax = _layer_input_at(layer_in[t], W_ih, tokens and k == 0) + b_ih
+                    ah = h @ W_hh.T + b_hh
+                    xr, xz, xn = np.split(ax, 3, axis=1)
+                    hr, hz, hn = np.split(ah, 3, axis=1)
+                    r = _sigmoid(xr + hr)
+                    z = _sigmoid(xz + hz)
+                    n = np.tanh(xn + r * hn)
+                    h_new = (1 - z) * n + z * h
+                    saved.append((t, h, hn, (r, z, n), h_new, valid))
+                    h = np.where(valid, h_new, h)
+                    layer_out[t, :, d * H:(d + 1) * H] = np.where(valid, h, 0)
+                    continue
                 a = (_layer_input_at(layer_in[t], W_ih, tokens and k == 0)
                      + h @ W_hh.T + b)
                 if spec.mode == "lstm":
@@ -159,19 +177,32 @@ def core_backward(spec, flat, cache, dout, dstate_n, state_clip=None, ctx=None,
                                          do * o * (1 - o)], axis=1)
                     da = np.where(valid, da, 0)
                     dc = np.where(valid, dct * f, dc)
+                elif spec.mode == "gru":
+                    # h' = (1 - z) n + z h: the input side gets (dr, dz, dn)
+                    # at the pre-activations, the recurrent side (dr, dz, r dn)
+                    r, z, n = gates
+                    hn = c_prev              # W_hn h + b_hn, saved by the forward
+                    dn = dh * (1 - z) * (1 - n * n)
+                    dz = dh * (h_prev - n) * z * (1 - z)
+                    dr = dn * hn * r * (1 - r)
+                    da = np.where(valid, np.concatenate([dr, dz, dn], axis=1), 0)
+                    dah = np.where(valid, np.concatenate([dr, dz, dn * r], axis=1), 0)
                 else:
                     da = np.where(valid, _dact(spec.mode, new) * dh, 0)
+                if spec.mode != "gru":
+                    dah = da                 # one pre-activation for both sides
                 # parameter gradients: sums over time of per-step gradients
                 if tok:
                     np.add.at(g[names[0]].T, layer_in[t], da)
                 else:
                     g[names[0]] += da.T @ layer_in[t]
                     d_layer_in[t] += da @ W_ih
-                g[names[1]] += da.T @ h_prev
+                g[names[1]] += dah.T @ h_prev
                 if spec.bias:
                     g[names[2]] += da.sum(axis=0)
-                    g[names[3]] += da.sum(axis=0)
-                dh = np.where(valid, da @ W_hh, dh)
+                    g[names[3]] += dah.sum(axis=0)
+                direct = dh * gates[1] if spec.mode == "gru" else 0
+                dh = np.where(valid, dah @ W_hh + direct, dh)
             dstate0[0, k * D + d] = dh
             if dc is not None:
                 dstate0[1, k * D + d] = dc

@@ -8,7 +8,7 @@ Needs PyTorch (``pip install "fastrnn[torch]"``); ``import fastrnn`` never
 imports it. See modules.py (the modules), ops.py (the autograd glue) and
 replace.py (swapping torch's modules in an existing model).
 """
-from fastrnn.torch.modules import LSTM, RNN, LSTMCell, RNNCell
+from fastrnn.torch.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from fastrnn.torch.replace import replace
 
-__all__ = ["RNN", "LSTM", "RNNCell", "LSTMCell", "replace"]
+__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "replace"]

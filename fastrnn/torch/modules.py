@@ -1,4 +1,5 @@
-"""torch.nn modules on fastrnn's kernels: RNN, LSTM, RNNCell, LSTMCell.
+"""torch.nn modules on fastrnn's kernels: RNN, LSTM, GRU, RNNCell, LSTMCell,
+GRUCell.
 
 Constructors take torch's arguments (``device=``, ``dtype=`` included) plus
 fastrnn's own keywords (``init``, ``seed``, ``backend``; ``"sigmoid"`` as a
@@ -67,12 +68,12 @@ class _Base(nn.Module):
     def _build(self, mode, L, D, cell, device, dtype, init, seed, backend):
         if init not in SCHEMES:
             raise ValueError(f"init: expected one of {SCHEMES}, got {init!r}")
-        if init == "identity" and mode == "lstm":
+        if init == "identity" and mode in ("lstm", "gru"):
             raise ValueError("init: 'identity' (IRNN) is defined for the RNN only")
         if seed is not None:
             _check_int("seed", seed, 0)
         device, dtype = _factory(device, dtype)
-        self.backend = backends.resolve(backend)
+        self.backend = backends.resolve(backend, mode)
         self._mode = mode
         self._spec = make_spec(mode, self.input_size, self.hidden_size, L, D,
                                self.bias, cell=cell)
@@ -248,7 +249,7 @@ class _Recurrent(_Base):
         s = f"{self.input_size}, {self.hidden_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
-        if self._mode not in ("lstm", "tanh"):
+        if self._mode not in ("lstm", "gru", "tanh"):
             s += f", nonlinearity={self._mode!r}"
         for name, default in (("bias", True), ("batch_first", False),
                               ("bidirectional", False)):
@@ -289,6 +290,20 @@ class LSTM(_Recurrent):
         super().__init__("lstm", input_size, hidden_size, num_layers, bias,
                          batch_first, dropout, bidirectional, proj_size, device,
                          dtype, init, seed, backend)
+
+
+class GRU(_Recurrent):
+    """torch.nn.GRU on fastrnn's kernels (gates r, z, n; n = tanh(W_in x +
+    b_in + r * (W_hn h + b_hn)), h' = (1 - z) n + z h). Same arguments,
+    parameters and return values as torch.nn.GRU; `dropout` must be 0."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False,
+                 device=None, dtype=None, *, init="default", seed=None,
+                 backend="auto"):
+        super().__init__("gru", input_size, hidden_size, num_layers, bias,
+                         batch_first, dropout, bidirectional, 0, device, dtype,
+                         init, seed, backend)
 
 
 class _Cell(_Base):
@@ -337,7 +352,7 @@ class _Cell(_Base):
         s = f"{self.input_size}, {self.hidden_size}"
         if not self.bias:
             s += ", bias=False"
-        if self._mode not in ("lstm", "tanh"):
+        if self._mode not in ("lstm", "gru", "tanh"):
             s += f", nonlinearity={self._mode!r}"
         return s + f", backend={self.backend!r}"
 
@@ -362,4 +377,13 @@ class LSTMCell(_Cell):
     def __init__(self, input_size, hidden_size, bias=True, device=None,
                  dtype=None, *, init="default", seed=None, backend="auto"):
         super().__init__("lstm", input_size, hidden_size, bias, device, dtype,
+                         init, seed, backend)
+
+
+class GRUCell(_Cell):
+    """torch.nn.GRUCell on fastrnn's kernels: h' = cell(x, h), gates (r, z, n)."""
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None,
+                 dtype=None, *, init="default", seed=None, backend="auto"):
+        super().__init__("gru", input_size, hidden_size, bias, device, dtype,
                          init, seed, backend)

@@ -1,4 +1,4 @@
-"""replace(model): swap torch.nn.RNN / nn.LSTM submodules for fastrnn.torch's
+"""replace(model): swap torch.nn.RNN / nn.LSTM / nn.GRU submodules for fastrnn.torch's
 with the same weights, in place. A submodule with an option fastrnn cannot
 honour (dropout > 0, proj_size > 0, a non-CPU device, a dtype other than
 float32/float64) stays as it is, with a warning naming it."""
@@ -6,7 +6,9 @@ import warnings
 
 from torch import nn
 
-from fastrnn.torch.modules import LSTM, RNN
+from fastrnn.torch.modules import GRU, LSTM, RNN
+
+_TYPES = (nn.RNN, nn.LSTM, nn.GRU)
 
 
 def _convert(m, backend):
@@ -25,6 +27,8 @@ def _convert(m, backend):
               backend=backend)
     if isinstance(m, nn.LSTM):
         new = LSTM(m.input_size, m.hidden_size, **kw)
+    elif isinstance(m, nn.GRU):
+        new = GRU(m.input_size, m.hidden_size, **kw)
     else:
         new = RNN(m.input_size, m.hidden_size, nonlinearity=m.nonlinearity, **kw)
     new.load_state_dict(m.state_dict())
@@ -35,11 +39,12 @@ def _convert(m, backend):
 
 
 def replace(model, *, backend="auto"):
-    """Swap every torch.nn.RNN / torch.nn.LSTM inside `model` (and `model`
-    itself) for fastrnn.torch.RNN / LSTM with the same weights and options.
+    """Swap every torch.nn.RNN / nn.LSTM / nn.GRU inside `model` (and `model`
+    itself) for fastrnn.torch.RNN / LSTM / GRU with the same weights and
+    options.
 
     Submodules are replaced in place and `model` is returned -- unless
-    `model` is itself an nn.RNN/nn.LSTM, when the new module is returned.
+    `model` is itself an nn.RNN/nn.LSTM/nn.GRU, when the new module is returned.
     Training mode and requires_grad flags carry over; a module reached
     under two names becomes one shared fastrnn module; hooks registered on
     the old modules do not carry over.
@@ -49,7 +54,7 @@ def replace(model, *, backend="auto"):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if type(model) in (nn.RNN, nn.LSTM):
+    if type(model) in _TYPES:
         new, why = _convert(model, backend)
         if new is None:
             warnings.warn(f"fastrnn.torch.replace: kept the model ({type(model).__name__}) "
@@ -59,7 +64,7 @@ def replace(model, *, backend="auto"):
     done = {}      # a module shared by several parents stays shared
     for qual, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if type(child) not in (nn.RNN, nn.LSTM):
+            if type(child) not in _TYPES:
                 continue
             if id(child) not in done:
                 full = f"{qual}.{name}" if qual else name
