@@ -150,7 +150,7 @@ class DataParallel:
         self.comm.Bcast(st.model._flat, root=root)
         self.comm.Bcast(st.opt_state, root=root)
         st.steps = self.comm.bcast(st.steps, root=root)
-        st.model.core._cache = None
+        st.model._forget_cache()
 
     def __call__(self, x, y, hx=None, lengths=None):
         with self.step.model._lock:   # one thread at a time, as TrainStep
@@ -202,7 +202,7 @@ class DataParallel:
                                        " over the ranks' batches (on every rank)")
         else:
             st.steps += 1
-        m.core._cache = None
+        m._forget_cache()
         return StepResult(loss=loss, grad_norm=u["grad_norm"],
                           clipped=bool(u["clipped"]) and not u["skipped"],
                           skipped=u["skipped"], hx=m.core._state_out(r["state_n"]))

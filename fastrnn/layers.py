@@ -2,10 +2,11 @@
 nn.RNNCell / nn.LSTMCell / nn.GRUCell, on NumPy arrays, with an explicit
 backward.
 
-A layer owns its parameters as one flat buffer (``_buf``; the ``_flat``
-property makes it current first, see _mirror.py); ``state_dict`` returns
-copies under PyTorch's names. Validation happens here; the numbers
-are computed by the chosen backend (fastrnn.backends).
+A layer owns its parameters as one flat buffer, a ParamBuffer (``_pbuf``,
+fastrnn/_params.py: every host read or write goes through it, which makes the
+host copy current first); ``state_dict`` returns copies under PyTorch's
+names. Validation happens here; the numbers are computed by the chosen
+backend (fastrnn.backends).
 
 Threads: every layer (and every SequenceModel, which shares its core's) has
 a re-entrant lock; forward, backward, state_dict and load_state_dict hold it,
@@ -17,7 +18,8 @@ import threading
 
 import numpy as np
 
-from . import _mirror, backends
+from . import backends
+from ._params import HasParams, ParamBuffer
 from ._spec import make_spec, n_core_params, views
 from ._validate import (as_array, check_bool, check_choice, check_dtype,
                         check_int, check_positive, sequence_args, sequence_input,
@@ -25,36 +27,8 @@ from ._validate import (as_array, check_bool, check_choice, check_dtype,
 from .init import SCHEMES, init_core
 
 
-def _load_arrays(owner, spec, flat, d, strict=True):
-    """Validate a whole state dict against spec, then copy it into flat."""
-    if not hasattr(d, "keys"):
-        raise TypeError(f"state_dict: expected a mapping of names to arrays, "
-                        f"got {type(d).__name__}")
-    expected = list(spec.layout)
-    missing = [k for k in expected if k not in d]
-    if missing:
-        raise ValueError(f"state_dict: missing key(s) {missing} for {owner}; "
-                         f"expected keys {expected}")
-    unexpected = [k for k in d.keys() if k not in spec.layout]
-    if strict and unexpected:
-        raise ValueError(f"state_dict: unexpected key(s) {unexpected} for {owner}; "
-                         f"expected keys {expected}")
-    new = {}
-    for k in expected:
-        a = as_array(f"state_dict[{k!r}]", d[k])
-        shape = spec.layout[k][1]
-        if a.shape != shape:
-            raise ValueError(f"state_dict[{k!r}]: expected shape {shape}, got {a.shape}")
-        if a.dtype.kind not in "fiu":
-            raise TypeError(f"state_dict[{k!r}]: expected a float array, got dtype {a.dtype}")
-        new[k] = a
-    v = views(spec, flat)
-    for k, a in new.items():
-        v[k][...] = a
-
-
-class _Base:
-    """Shared by layers and cells: flat parameters, backend, state_dict."""
+class _Base(HasParams):
+    """Shared by layers and cells: flat parameters (HasParams), backend."""
 
     def _setup(self, spec, dtype, init, seed, backend):
         self.dtype = check_dtype(dtype)
@@ -66,52 +40,18 @@ class _Base:
         self.backend = backends.resolve(backend, spec.mode)
         self._be = backends.get(self.backend)
         self._spec = spec
-        self._buf = np.zeros(n_core_params(spec), dtype=self.dtype)
         tmp = np.zeros(n_core_params(spec), dtype=np.float64)
         init_core(spec, tmp, init, np.random.default_rng(seed))
-        self._buf[:] = tmp
+        self._pbuf = ParamBuffer(spec, tmp.astype(self.dtype))
         self._ctx = {}
         self._cache = None
         self.grads = None
         self._lock = threading.RLock()
 
-    # -- parameters --------------------------------------------------------
-    @property
-    def _flat(self):
-        """The flat parameter buffer, made current (a TrainStep on the cuda
-        backend may hold newer parameters on the device) and assumed written
-        by whoever asks for it."""
-        _mirror.touch(self._buf)
-        return self._buf
-
-    @_flat.setter
-    def _flat(self, buf):
-        self._buf = buf
-
-    def _params(self):
-        """The flat buffer made current, for reading."""
-        _mirror.sync(self._buf)
-        return self._buf
-
-    def state_dict(self):
-        """{name: copy} with PyTorch's names and shapes."""
-        with self._lock:
-            return {k: v.copy() for k, v in views(self._spec, self._params()).items()}
-
-    def load_state_dict(self, d, strict=True):
-        """Load numpy arrays / array-likes / torch tensors; validated whole
-        first: a missing key or a wrong shape raises ValueError and leaves
-        the layer unchanged."""
-        with self._lock:
-            _load_arrays(type(self).__name__, self._spec, self._flat, d, strict)
-            self._cache = None
-
-    def parameters(self):
-        """Named views (not copies) of the parameters, in state_dict order."""
-        return views(self._spec, _mirror.export(self._buf))
-
-    def num_parameters(self):
-        return int(self._buf.size)
+    def _forget_cache(self):
+        """After the parameters were replaced: no backward through an
+        earlier forward."""
+        self._cache = None
 
     @property
     def _device_inputs(self):

@@ -2,10 +2,10 @@
 gradient_flow.
 
 The model's parameters -- the core's and the read-out's -- live in one flat
-buffer; the core's parameters become a view into it, so the layer and the
-model always agree. TrainStep keeps the optimizer moments as flat arrays of
-the same length; forward, loss, BPTT, clipping and the update are one call
-into the backend.
+buffer, a ParamBuffer (fastrnn/_params.py) extending the core's: the core's
+parameters become a view into it, so the layer and the model always agree.
+TrainStep keeps the optimizer moments as a HostBuffer of the same length;
+forward, loss, BPTT, clipping and the update are one call into the backend.
 
 Threads: a model shares its core's re-entrant lock (layers.py), and every
 entry point here -- model forward, TrainStep calls, gradient_flow, the
@@ -18,24 +18,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _dist, _mirror
-from ._spec import LOSSES, READOUTS, n_core_params, views
+from . import _dist
+from ._params import HasParams, HostBuffer
+from ._spec import LOSSES, READOUTS, n_core_params
 from ._validate import (check_choice, check_int, check_positive, sequence_args,
                         targets_arg)
 from .clip import ClipNorm, ClipValue
 from .init import init_readout
-from .layers import _load_arrays, _Recurrent
+from .layers import _Recurrent
 from .optim import Optimizer
 
 
-class SequenceModel:
+class SequenceModel(HasParams):
     """A recurrent core (fr.RNN, fr.LSTM or fr.GRU) with a linear read-out.
 
     z_t = W_out h_t + b_out on the top layer's output h_t (all directions).
     readout="all": a target at every step; "last": one target per sequence,
     from its last valid step. loss: "cross_entropy" (softmax, NLL) or "mse"
     (mean over the O outputs). The loss is the sum over time steps, averaged
-    over the batch.
+    over the batch. Parameters (state_dict): the core's keys (PyTorch
+    names) plus weight_out (O, D*H) and bias_out (O,).
     """
 
     def __init__(self, core, output_size, *, loss="cross_entropy", readout="all",
@@ -48,17 +50,19 @@ class SequenceModel:
         self.core = core
         self._spec = core._spec.with_readout(self.output_size, loss, readout)
         self.dtype = core.dtype
-        flat = np.zeros(self._spec._n_total, dtype=self.dtype)
-        nc = n_core_params(self._spec)
-        flat[:nc] = core._params()
         if seed is None and core.seed is not None:
             seed = [core.seed, 1]  # derived, so a seeded core gives a seeded model
-        tmp = np.zeros_like(flat, dtype=np.float64)
-        init_readout(self._spec, tmp, np.random.default_rng(seed))
-        flat[nc:] = tmp[nc:]
-        core._buf = flat[:nc]  # the core now lives inside the model's buffer
-        core._cache = None
-        self._buf = flat
+        nc = n_core_params(self._spec)
+
+        def init_tail(flat):
+            tmp = np.zeros_like(flat, dtype=np.float64)
+            init_readout(self._spec, tmp, np.random.default_rng(seed))
+            flat[nc:] = tmp[nc:]
+
+        with core._lock:
+            # the core now lives inside the model's buffer
+            self._pbuf = core._pbuf.extend(self._spec, init_tail)
+            core._forget_cache()
         self._ctx = {}
 
     @property
@@ -74,34 +78,12 @@ class SequenceModel:
     def _be(self):
         return self.core._be
 
+    def _forget_cache(self):
+        self.core._forget_cache()
+
     @property
-    def _flat(self):
-        """The flat buffer (core's parameters, then the read-out's), made
-        current and assumed written by whoever asks (see _mirror.py)."""
-        _mirror.touch(self._buf)
-        return self._buf
-
-    def _params(self):
-        """The flat buffer made current, for reading."""
-        _mirror.sync(self._buf)
-        return self._buf
-
-    def state_dict(self):
-        """Core's keys (PyTorch names) plus weight_out (O, D*H), bias_out (O,)."""
-        with self._lock:
-            return {k: v.copy() for k, v in views(self._spec, self._params()).items()}
-
-    def load_state_dict(self, d, strict=True):
-        with self._lock:
-            _load_arrays("SequenceModel", self._spec, self._flat, d, strict)
-            self.core._cache = None
-
-    def parameters(self):
-        """Named views (not copies) of all parameters, in state_dict order."""
-        return views(self._spec, _mirror.export(self._buf))
-
-    def num_parameters(self):
-        return int(self._buf.size)
+    def _owner_name(self):
+        return "SequenceModel"
 
     def _inputs(self, x, hx, lengths):
         core = self.core
@@ -190,7 +172,7 @@ class TrainStep:
         self.clip = clip
         self.state_clip = None if state_clip is None else check_positive("state_clip", state_clip)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
-        self._opt = np.zeros((2, model._buf.size), dtype=model.dtype)
+        self._moments = HostBuffer(np.zeros((2, model.num_parameters()), dtype=model.dtype))
         self.steps = 0       # successful updates (Adam's t)
         self._ctx = {}
         self._dist = None if comm is None else _dist.DataParallel(self, comm)
@@ -200,8 +182,13 @@ class TrainStep:
         """The optimizer moments, (2, n_params): row 0 momentum / Adam's m /
         Adagrad's sum of squares, row 1 Adam's v; made current (the cuda
         backend keeps them on the device between steps)."""
-        _mirror.touch(self._opt)
-        return self._opt
+        return self._moments.write()
+
+    @property
+    def _opt(self):
+        """The optimizer moments as they are (not made current), for the
+        backends, which sync them themselves."""
+        return self._moments.raw
 
     def __call__(self, x, y, hx=None, lengths=None):
         if self._dist is not None:
@@ -213,7 +200,7 @@ class TrainStep:
         clip = self.clip
         with m._lock:
             # the raw buffers: a backend that keeps them on a device (cuda)
-            # syncs them itself through _mirror
+            # syncs them itself through _mirror (see _params.HostBuffer.raw)
             r = m._be.train_step(m._spec, m._buf, self._opt, self.steps + 1, xs, ln,
                                  st0, yy, opt=self.optimizer.kind,
                                  hyper=self.optimizer.hyper,
@@ -222,7 +209,7 @@ class TrainStep:
                                  state_clip=self.state_clip, ctx=self._ctx)
             if not r["skipped"]:
                 self.steps += 1
-            m.core._cache = None
+            m._forget_cache()
         if r["skipped"] and self.on_nonfinite == "raise":
             raise _nonfinite_error(self.optimizer, r["loss"], r["grad_norm"])
         return StepResult(loss=r["loss"], grad_norm=r["grad_norm"],
@@ -234,8 +221,7 @@ class TrainStep:
     def state_dict(self):
         """Optimizer state (moments and step count) as arrays."""
         with self.model._lock:
-            _mirror.sync(self._opt)
-            return {"opt_state": self._opt.copy(), "steps": self.steps}
+            return {"opt_state": self._moments.read().copy(), "steps": self.steps}
 
     def load_state_dict(self, d):
         st = np.asarray(d["opt_state"])

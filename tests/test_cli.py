@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fastrnn as fr
-from fastrnn import cli
+from fastrnn import cli, tasks as fr_tasks
 
 TINY = ["--T", "8", "--hidden", "6", "--batch", "4", "--eval-every", "5",
         "--test-size", "50", "--progress", "log"]
@@ -161,7 +161,7 @@ def test_slow_first_calls_are_announced_and_timed_apart(tmp_path, capsys, monkey
         def cancel(self):
             pass
 
-    monkeypatch.setattr(cli.threading, "Timer", FiresAtOnce)
+    monkeypatch.setattr(cli.train.threading, "Timer", FiresAtOnce)
     out = tmp_path / "run"
     code, text, _ = _run(["train", *TINY, "--steps", "3", "--out", str(out)], capsys)
     assert code == 0
@@ -498,7 +498,7 @@ def test_lr_large_but_finite_in_float64_is_accepted():
 
 def _nan_batches(monkeypatch, every=1):
     """Make every `every`-th training batch of the adding task non-finite."""
-    real = cli._tasks.Task.train_batch
+    real = fr_tasks.Task.train_batch
 
     def batch(self, rng, B, step):
         x, y, reset = real(self, rng, B, step)
@@ -506,7 +506,7 @@ def _nan_batches(monkeypatch, every=1):
             x = x.copy()
             x[0, 0, 0] = np.nan
         return x, y, reset
-    monkeypatch.setattr(cli._tasks.Task, "train_batch", batch)
+    monkeypatch.setattr(fr_tasks.Task, "train_batch", batch)
 
 
 def test_a_run_whose_steps_are_all_skipped_stops_with_an_error(tmp_path, capsys,
@@ -642,16 +642,16 @@ def test_unwritable_directory_is_a_one_line_error(tmp_path, capsys, monkeypatch)
 def test_disk_full_before_the_first_step_leaves_no_run_directory(tmp_path, capsys,
                                                                  monkeypatch):
     import errno
-    real = cli.gradient_flow_record
+    real = cli.train.gradient_flow_record
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(cli, "gradient_flow_record", full)
+    monkeypatch.setattr(cli.train, "gradient_flow_record", full)
     out = tmp_path / "runs" / "r"
     code, err = _exit_code(["train", *TINY, "--steps", "2", "--out", str(out)], capsys)
     assert code == 1 and "No space left on device" in _one_line_error(err)
     assert not (tmp_path / "runs").exists()
-    monkeypatch.setattr(cli, "gradient_flow_record", real)
+    monkeypatch.setattr(cli.train, "gradient_flow_record", real)
 
 
 def test_disk_full_at_a_checkpoint_is_a_one_line_error(tmp_path, capsys, monkeypatch,
