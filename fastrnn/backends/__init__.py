@@ -4,8 +4,10 @@ Every backend module implements the same functions with the same arguments:
 
     available() -> (bool, reason)
     core_forward(spec, flat, x, lengths, state0, ctx=None) -> out, state_n, cache
-    core_backward(spec, flat, cache, dout, dstate_n, state_clip=None, ctx=None)
-        -> dx, dstate0, grad, flow
+    core_backward(spec, flat, cache, dout, dstate_n, state_clip=None, ctx=None,
+                  dcs=None) -> dx, dstate0, grad, flow
+        (dcs: optional dL/dc_t of the LSTM's top layer, laid out like dout)
+    top_cells(spec, cache) -> (T, B, D*H): the LSTM top layer's c_t
     model_forward(spec, flat, x, lengths, state0, ctx=None) -> z, state_n
     train_step(spec, flat, opt_state, step, x, lengths, state0, y, *, opt,
                hyper, clip, limit, state_clip, ctx=None) -> dict
@@ -26,8 +28,9 @@ followed by apply_update on the same ctx.
 
 train_step updates flat and opt_state in place, or -- a backend that keeps
 them on a device (cuda) -- registers itself as the holder of newer copies
-with fastrnn/_mirror.py, which the layers and the model consult before any
-host access. A backend with ``DEVICE_INPUTS = True`` receives device arrays
+with fastrnn/_mirror.py, which the parameter and moment buffers
+(fastrnn/_params.py, owned by the layers, the model and the TrainStep)
+consult before any host access. A backend with ``DEVICE_INPUTS = True`` receives device arrays
 from the layers as _validate.DeviceSeq (validated shape, read in place).
 
 The layers pick one by name; nothing outside this package knows how a kernel
