@@ -28,7 +28,8 @@ def available():
 # activations: forward, and derivative from the saved output
 # --------------------------------------------------------------------------
 def _sigmoid(a):
-    return 1.0 / (1.0 + np.exp(-a))
+    with np.errstate(over="ignore"):   # exp(-a) = inf for a << 0 gives 0: exact
+        return 1.0 / (1.0 + np.exp(-a))
 
 
 def _act(mode, a):

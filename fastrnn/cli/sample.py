@@ -70,7 +70,8 @@ def sample_text(model, vocab, length, *, temperature=1.0, prime="", seed=None):
         if temperature == 0:
             c = int(np.argmax(logits))
         else:
-            p = np.exp((logits - logits.max()) / temperature)
+            with np.errstate(over="ignore"):   # a tiny temperature: -inf -> p = 0
+                p = np.exp((logits - logits.max()) / temperature)
             c = int(rng.choice(len(vocab), p=p / p.sum()))
         out.append(vocab[c])
         z, h = model(np.array([[c]], dtype=np.int64), hx=h)
