@@ -68,7 +68,9 @@ import os
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from llvmlite import binding as _llvm
+from numba import carray, njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _mkl, _plan, ctx_state
@@ -89,6 +91,9 @@ MK_FWD, MK_BWD, MK_PACKED = 1, 2, 4
 # Not MKL: the LSTM forward recurrence on the tiled, fused kernel
 # (_lstm_recur_tiled); a strategy of the plan like the MKL flags.
 MK_FUSED = 8
+# Not MKL: both per-step products on the register-tiled kernel of packed
+# panels (_gemm_packed; W_hh packed once per call by _mkl_pack_w).
+MK_TILE = 16
 MK_MKL = MK_FWD | MK_BWD
 # ---- fcfg indices ----------------------------------------------------------
 F_LR, F_MOM, F_B1, F_B2, F_EPS, F_LIMIT, F_SCLIP = range(7)
@@ -446,6 +451,100 @@ def _addmm_nt(A, W, C):
         m += 1
 
 
+# ---- register-tiled products on packed panels --------------------------------
+# C += A @ W.T as an outer-product micro-kernel: W is packed once into
+# panels of GEMM_NR columns of W.T (contiguous (K, GEMM_NR) blocks, zero
+# padded), and a GEMM_MR x GEMM_NR block of C stays in registers while k
+# runs: per k, GEMM_MR broadcasts of A and GEMM_NR / vector-width loads of
+# the panel feed GEMM_MR * GEMM_NR fused multiply-adds. The block lives in a
+# stack array indexed only by constants (_tile_stack), which LLVM promotes
+# to registers (a heap array would be stored back every k). GEMM_NR is 32
+# on AVX-512 hosts (2 zmm per row in float32, 8 accumulators) and 16
+# otherwise (AVX2: 2 ymm per row). Each element of C is its k-ordered chain
+# of fused multiply-adds, whatever the block or the rows around it, so the
+# result is bitwise the same however the rows are split.
+GEMM_MR = 4
+GEMM_NR = 32 if _llvm.get_host_cpu_features().get("avx512f", False) else 16
+
+
+@intrinsic
+def _tile_stack(typingctx, A):
+    """A pointer to GEMM_MR * GEMM_NR elements of A's dtype on the stack
+    (in the calling function's entry block)."""
+    ty = A.dtype
+    sig = types.CPointer(ty)(A)
+
+    def codegen(context, builder, sig, args):
+        lty = context.get_value_type(ty)
+        p = cgutils.alloca_once(builder, ir.ArrayType(lty, GEMM_MR * GEMM_NR))
+        return builder.bitcast(p, lty.as_pointer())
+    return sig, codegen
+
+
+@njit(cache=True)
+def _pack_panels(W, dst):
+    """Pack W (N, K) into dst as panels (P, K, GEMM_NR): panel p, row k
+    holds W[p*GEMM_NR:(p+1)*GEMM_NR, k], zero padded past N."""
+    N, K = W.shape
+    P = -(-N // GEMM_NR)
+    out = dst[:P * K * GEMM_NR].reshape((P, K, GEMM_NR))
+    for p in range(P):
+        n0 = p * GEMM_NR
+        nn = min(GEMM_NR, N - n0)
+        o = out[p]
+        for k in range(K):
+            for j in range(nn, GEMM_NR):
+                o[k, j] = 0
+        for j in range(nn):
+            w = W[n0 + j]
+            for k in range(K):
+                o[k, j] = w[k]
+
+
+@njit(cache=True, fastmath={"contract"})
+def _gemm_packed(A, pk, C):
+    """C += A @ W.T for A: (M, K), C: (M, N) and W (N, K) packed in pk by
+    _pack_panels. Blocks of GEMM_MR rows of A (a last, short block reads
+    its last row again and drops those sums) by one panel."""
+    M, K = A.shape
+    N = C.shape[1]
+    P = -(-N // GEMM_NR)
+    Wp = pk[:P * K * GEMM_NR].reshape((P, K, GEMM_NR))
+    acc = carray(_tile_stack(A), (GEMM_MR, GEMM_NR))
+    out = carray(_tile_stack(A), (GEMM_MR, GEMM_NR))
+    for p in range(P):
+        n0 = p * GEMM_NR
+        nn = min(GEMM_NR, N - n0)
+        Bp = Wp[p]
+        for m in range(0, M, GEMM_MR):
+            a0 = A[m]
+            a1 = A[min(m + 1, M - 1)]
+            a2 = A[min(m + 2, M - 1)]
+            a3 = A[min(m + 3, M - 1)]
+            for i in range(GEMM_MR):
+                for j in range(GEMM_NR):
+                    acc[i, j] = 0
+            for k in range(K):
+                b = Bp[k]
+                x0 = a0[k]
+                x1 = a1[k]
+                x2 = a2[k]
+                x3 = a3[k]
+                for j in range(GEMM_NR):
+                    bj = b[j]
+                    acc[0, j] += x0 * bj
+                    acc[1, j] += x1 * bj
+                    acc[2, j] += x2 * bj
+                    acc[3, j] += x3 * bj
+            for i in range(GEMM_MR):
+                for j in range(GEMM_NR):
+                    out[i, j] = acc[i, j]
+            for i in range(min(GEMM_MR, M - m)):
+                c = C[m + i]
+                for j in range(nn):
+                    c[n0 + j] += out[i, j]
+
+
 # Column blocks of the axpy-form products (_gemm_nn, _gemm_tn): 4 rows of C
 # of this many elements stay in L1 while the k (or r) loop runs; row blocks
 # of _gemm_tn: this many rows of Bm stay in L2 across the blocks of C.
@@ -689,8 +788,11 @@ def _mkl_pack_w(mk, W, m, fwd, pbuf):
     """Pack the recurrent weights once for the per-step products of a chunk
     of m rows: forward W = W_hh (GH, H) as op(B) = W_hh.T (C += A @ W_hh.T),
     backward W = W_hh.T (H, GH) as op(B) = W_hh (C = A @ W_hh). Nothing when
-    those products do not use packed MKL."""
-    if fwd and (mk[0] & MK_FWD) and (mk[0] & MK_PACKED):
+    those products do not use packed MKL. With MK_TILE, W packed into
+    panels for _gemm_packed (both directions)."""
+    if mk[0] & MK_TILE:
+        _pack_panels(W, pbuf)
+    elif fwd and (mk[0] & MK_FWD) and (mk[0] & MK_PACKED):
         GH, H = W.shape
         _mkl_pack(mk[2], _B_MATRIX, _TRANS, m, GH, H, 1.0, W, H, pbuf)
     elif not fwd and (mk[0] & MK_BWD) and (mk[0] & MK_PACKED):
@@ -702,7 +804,11 @@ def _mkl_pack_w(mk, W, m, fwd, pbuf):
 def _step_nt(mk, A, W, C, pbuf):
     """The forward per-step product C += A @ W.T (A: (m, H) rows of h_{t-1},
     W: W_hh (GH, H), C: (m, GH)): MKL (packed W from _mkl_pack_w, or plain
-    sgemm) when mk says so, else _addmm_nt."""
+    sgemm) when mk says so, the packed panels of W (MK_TILE), else
+    _addmm_nt."""
+    if mk[0] & MK_TILE:
+        _gemm_packed(A, pbuf, C)
+        return
     if mk[0] & MK_FWD:
         M, K = A.shape
         N = W.shape[0]
@@ -722,9 +828,13 @@ def _step_nn(mk, A, W, C, pbuf):
     W_hh transposed (H, GH), which core_backward_kernel passes to the
     backward recurrences in W_hh's place; C: (m, H)): MKL when mk says so,
     else the dot-product loops of _addmm_nt along rows of W (1.3-2x the axpy
-    form over W_hh's rows)."""
+    form over W_hh's rows); with MK_TILE the packed panels of W."""
     M, K = A.shape
     N = W.shape[0]
+    if mk[0] & MK_TILE:
+        C[:] = 0
+        _gemm_packed(A, pbuf, C)
+        return
     if mk[0] & MK_BWD:
         if mk[0] & MK_PACKED:
             _mkl_compute(mk[3], _NO_TRANS, _PACKED, M, N, K, A, K, pbuf, K,
@@ -1759,7 +1869,15 @@ def _mkl_config(cfg, spec, dtype, flags, rc):
     it (chunks of at most rc rows); returns the elements of one chunk's
     packing slot (0: no packing)."""
     cfg[C_MKL:C_MKL + 6] = 0
-    cfg[C_MKL] = flags & MK_FUSED
+    cfg[C_MKL] = flags & (MK_FUSED | MK_TILE)
+    if flags & MK_TILE:
+        H, GH = spec.H, (4 if spec.mode == "lstm" else 1) * spec.H
+        isz = np.dtype(dtype).itemsize
+        packn = GEMM_NR * max(-(-GH // GEMM_NR) * H,     # W_hh, forward
+                              -(-H // GEMM_NR) * GH)     # W_hh.T, backward
+        packn += 64 // isz                 # room to align the slot
+        cfg[C_MKL_PACKN] = packn
+        return packn
     if _GEMM != "mkl" or flags & MK_MKL == 0:
         return 0
     t = np.dtype(dtype).char
@@ -1886,10 +2004,11 @@ def plan_candidates():
     """The MK_* flags the plan chooses among: the loops (0), the fused LSTM
     forward (MK_FUSED, LSTM only), and with the engine "mkl" MKL for the
     forward, the backward or both per-step products (the backward also
-    with the fused forward)."""
+    with the fused forward), and the register-tiled kernel of packed
+    panels for both per-step products (MK_TILE)."""
     if _GEMM != "mkl":
-        return [0, MK_FUSED]
-    return [0, MK_FUSED, MK_FWD, MK_BWD, MK_FWD | MK_BWD, MK_FUSED | MK_BWD]
+        return [0, MK_FUSED, MK_TILE]
+    return [0, MK_FUSED, MK_TILE, MK_FWD, MK_BWD, MK_FWD | MK_BWD, MK_FUSED | MK_BWD]
 
 
 def _plan_version():
@@ -1941,7 +2060,8 @@ def tune(cells, batches, hiddens, I=32, dtype="float32", replan=False, T=100):
                 mk, serial = choose(spec, dtype, B, False, T)
                 names = [n for f, n in ((MK_FWD, "fwd"), (MK_BWD, "bwd"))
                          if mk & f]
-                prod = ("mkl " + "+".join(names)) if names else "loops"
+                prod = ("mkl " + "+".join(names)) if names else (
+                    "tiled" if mk & MK_TILE else "loops")
                 if mk & MK_FUSED:
                     prod = "fused" + (" " + prod if names else "")
                 rows.append(dict(
