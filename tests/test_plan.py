@@ -90,8 +90,9 @@ def test_gemm_packed_matches_numpy(dtype, M, K, N):
     C = rng.standard_normal((M, N)).astype(dtype)
     want = C.astype(np.float64) + A.astype(np.float64) @ W.T.astype(np.float64)
     pk = np.full(-(-N // nb.GEMM_NR) * nb.GEMM_NR * K, np.nan, dtype=dtype)
-    nb._pack_panels(W, pk)
-    nb._gemm_packed(A, pk, C)
+    Wp = nb._panels(pk, N, K)
+    nb._pack_panels(W, Wp)
+    nb._gemm_packed(A, Wp, C)
     tol = 1e-4 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(C, want, rtol=tol, atol=tol * K)
 

@@ -482,13 +482,20 @@ def _tile_stack(typingctx, A):
 
 
 @njit(cache=True)
-def _pack_panels(W, dst):
-    """Pack W (N, K) into dst as panels (P, K, GEMM_NR): panel p, row k
+def _panels(buf, N, K):
+    """The (P, K, GEMM_NR) view of buf that holds W (N, K) packed in
+    panels. The callers of _gemm_packed take it (a reshape inside the
+    kernel kept LLVM from holding the block of C in registers)."""
+    P = -(-N // GEMM_NR)
+    return buf[:P * K * GEMM_NR].reshape((P, K, GEMM_NR))
+
+
+@njit(cache=True)
+def _pack_panels(W, out):
+    """Pack W (N, K) into panels, out = _panels(buf, N, K): panel p, row k
     holds W[p*GEMM_NR:(p+1)*GEMM_NR, k], zero padded past N."""
     N, K = W.shape
-    P = -(-N // GEMM_NR)
-    out = dst[:P * K * GEMM_NR].reshape((P, K, GEMM_NR))
-    for p in range(P):
+    for p in range(out.shape[0]):
         n0 = p * GEMM_NR
         nn = min(GEMM_NR, N - n0)
         o = out[p]
@@ -502,17 +509,15 @@ def _pack_panels(W, dst):
 
 
 @njit(cache=True, fastmath={"contract"})
-def _gemm_packed(A, pk, C):
-    """C += A @ W.T for A: (M, K), C: (M, N) and W (N, K) packed in pk by
-    _pack_panels. Blocks of GEMM_MR rows of A (a last, short block reads
-    its last row again and drops those sums) by one panel."""
+def _gemm_packed(A, Wp, C):
+    """C += A @ W.T for A: (M, K), C: (M, N) and W (N, K) packed in the
+    panels Wp by _pack_panels. Blocks of GEMM_MR rows of A (a last, short
+    block reads its last row again and drops those sums) by one panel."""
     M, K = A.shape
     N = C.shape[1]
-    P = -(-N // GEMM_NR)
-    Wp = pk[:P * K * GEMM_NR].reshape((P, K, GEMM_NR))
     acc = carray(_tile_stack(A), (GEMM_MR, GEMM_NR))
     out = carray(_tile_stack(A), (GEMM_MR, GEMM_NR))
-    for p in range(P):
+    for p in range(Wp.shape[0]):
         n0 = p * GEMM_NR
         nn = min(GEMM_NR, N - n0)
         Bp = Wp[p]
@@ -791,7 +796,7 @@ def _mkl_pack_w(mk, W, m, fwd, pbuf):
     those products do not use packed MKL. With MK_TILE, W packed into
     panels for _gemm_packed (both directions)."""
     if mk[0] & MK_TILE:
-        _pack_panels(W, pbuf)
+        _pack_panels(W, _panels(pbuf, W.shape[0], W.shape[1]))
     elif fwd and (mk[0] & MK_FWD) and (mk[0] & MK_PACKED):
         GH, H = W.shape
         _mkl_pack(mk[2], _B_MATRIX, _TRANS, m, GH, H, 1.0, W, H, pbuf)
@@ -807,7 +812,7 @@ def _step_nt(mk, A, W, C, pbuf):
     sgemm) when mk says so, the packed panels of W (MK_TILE), else
     _addmm_nt."""
     if mk[0] & MK_TILE:
-        _gemm_packed(A, pbuf, C)
+        _gemm_packed(A, _panels(pbuf, W.shape[0], W.shape[1]), C)
         return
     if mk[0] & MK_FWD:
         M, K = A.shape
@@ -833,7 +838,7 @@ def _step_nn(mk, A, W, C, pbuf):
     N = W.shape[0]
     if mk[0] & MK_TILE:
         C[:] = 0
-        _gemm_packed(A, pbuf, C)
+        _gemm_packed(A, _panels(pbuf, N, K), C)
         return
     if mk[0] & MK_BWD:
         if mk[0] & MK_PACKED:
