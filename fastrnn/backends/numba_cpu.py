@@ -490,22 +490,33 @@ def _panels(buf, N, K):
     return buf[:P * K * GEMM_NR].reshape((P, K, GEMM_NR))
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _pack_panels(W, out):
     """Pack W (N, K) into panels, out = _panels(buf, N, K): panel p, row k
-    holds W[p*GEMM_NR:(p+1)*GEMM_NR, k], zero padded past N."""
+    holds W[p*GEMM_NR:(p+1)*GEMM_NR, k], zero padded past N. Panels split
+    over the cores; within one, k outer: GEMM_NR rows of W are read along
+    while each panel row is written in one piece."""
     N, K = W.shape
-    for p in range(out.shape[0]):
+    for p in prange(out.shape[0]):
         n0 = p * GEMM_NR
         nn = min(GEMM_NR, N - n0)
         o = out[p]
         for k in range(K):
+            ok = o[k]
+            for j in range(nn):
+                ok[j] = W[n0 + j, k]
             for j in range(nn, GEMM_NR):
-                o[k, j] = 0
-        for j in range(nn):
-            w = W[n0 + j]
-            for k in range(K):
-                o[k, j] = w[k]
+                ok[j] = 0
+
+
+@njit(cache=True)
+def _pack_shared(mk, W, pack):
+    """With MK_TILE, W packed once into the workspace section PACK for all
+    the chunks of a recurrence (W_hh forward, W_hh.T backward): it is the
+    same for every step and every chunk."""
+    if mk[0] & MK_TILE:
+        _pack_panels(W, _panels(_pack_slot(pack, mk, 0), W.shape[0],
+                                W.shape[1]))
 
 
 @njit(cache=True, fastmath={"contract"})
@@ -780,7 +791,10 @@ def _data_address(typingctx, A):
 
 @njit(cache=True)
 def _pack_slot(pack, mk, c):
-    """Chunk c's slot of the workspace section PACK, aligned to 64 bytes."""
+    """Chunk c's slot of the workspace section PACK, aligned to 64 bytes
+    (with MK_TILE one slot that all chunks share)."""
+    if mk[0] & MK_TILE:
+        c = 0
     n = mk[4]
     slot = pack[c * n:(c + 1) * n]
     isz = pack.itemsize
@@ -793,11 +807,11 @@ def _mkl_pack_w(mk, W, m, fwd, pbuf):
     """Pack the recurrent weights once for the per-step products of a chunk
     of m rows: forward W = W_hh (GH, H) as op(B) = W_hh.T (C += A @ W_hh.T),
     backward W = W_hh.T (H, GH) as op(B) = W_hh (C = A @ W_hh). Nothing when
-    those products do not use packed MKL. With MK_TILE, W packed into
-    panels for _gemm_packed (both directions)."""
+    those products do not use packed MKL (MK_TILE: _pack_shared packed W
+    for all chunks)."""
     if mk[0] & MK_TILE:
-        _pack_panels(W, _panels(pbuf, W.shape[0], W.shape[1]))
-    elif fwd and (mk[0] & MK_FWD) and (mk[0] & MK_PACKED):
+        return
+    if fwd and (mk[0] & MK_FWD) and (mk[0] & MK_PACKED):
         GH, H = W.shape
         _mkl_pack(mk[2], _B_MATRIX, _TRANS, m, GH, H, 1.0, W, H, pbuf)
     elif not fwd and (mk[0] & MK_BWD) and (mk[0] & MK_PACKED):
@@ -1314,6 +1328,7 @@ def _lstm_back_recur(rev, lengths, W_hh, GATES, CX, TC, dlout, col,
 def _forward_chunks(lstm, mode, fast, rc, nc, rev, lengths, W_hh, GATES,
                     HX, CX, TC, lout, col, co, cot, mk, pack):
     B = HX.shape[1]
+    _pack_shared(mk, W_hh, pack)
     for c in prange(nc):
         r0 = c * rc
         r1 = min(B, r0 + rc)
@@ -1333,6 +1348,7 @@ def _backward_chunks(lstm, mode, rc, nc, rev, lengths, W_hh, GATES, HX, CX,
                      TC, dlout, col, dh, dc, DELTA, sclip, use_sclip, flowc,
                      mk, pack, dcs):
     B = HX.shape[1]
+    _pack_shared(mk, W_hh, pack)
     for c in prange(nc):
         r0 = c * rc
         r1 = min(B, r0 + rc)
@@ -1929,7 +1945,8 @@ def _make_cfg(spec, dtype, T, B, tok, flags):
     packn = _mkl_config(cfg, spec, dtype, flags, rc)
     G = 4 if spec.mode == "lstm" else 1
     n = workspace_size(T, B, spec.I, spec.H, spec.L, spec.D, G, spec.O,
-                       int(spec.mode == "lstm"), int(tok), cfg[C_NC] * packn)
+                       int(spec.mode == "lstm"), int(tok),
+                       (1 if flags & MK_TILE else cfg[C_NC]) * packn)
     return cfg, n
 
 
