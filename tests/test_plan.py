@@ -65,12 +65,14 @@ def test_fused_lstm_with_several_tiles(monkeypatch, dtype):
 @pytest.mark.parametrize("mode", ["tanh", "lstm"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tiled_products_with_several_panels(monkeypatch, mode, dtype):
-    """The register-tiled per-step products (MK_TILE) at H = GEMM_NR + 5:
-    W_hh's panels end in a partly padded one (forward and backward), and
-    at B = 17 the chunks' last blocks of GEMM_MR rows are short; B = 5 and
-    1 as well. SGD, as in the fused test above."""
+    """The register-tiled products (MK_TILE) at H = 70: W_hh's panels end
+    in a partly padded one (forward and backward), the weight gradients
+    are wide enough for _wgrad_tiled, and at B = 17 the chunks' last
+    blocks of GEMM_MR rows are short; B = 5 and 1 as well. SGD, as in the
+    fused test above."""
+    assert 70 % nb.GEMM_NR
     monkeypatch.setattr(nb, "choose", lambda *a: (nb.MK_TILE, False))
-    _matches_reference(nb.MK_TILE, False, mode, dtype, H=nb.GEMM_NR + 5,
+    _matches_reference(nb.MK_TILE, False, mode, dtype, H=70,
                        opt=lambda: fr.SGD(0.1),
                        batches=((17, np.array([6, 2, 6, 1, 4, 6, 3, 6, 6,
                                                5, 6, 1, 6, 2, 6, 6, 4])),
@@ -95,6 +97,28 @@ def test_gemm_packed_matches_numpy(dtype, M, K, N):
     nb._gemm_packed(A, Wp, C)
     tol = 1e-4 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(C, want, rtol=tol, atol=tol * K)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("R,M,N", [(300, 70, 65), (5, 64, 96)])
+def test_wgrad_tiled_matches_numpy(dtype, R, M, N):
+    """_wgrad_tiled (the weight gradients under MK_TILE) computes A.T @ Bm
+    over more rows than one block and fewer, with panels that end partly
+    padded, and the same bits on 1, 2 and 3 cores."""
+    rng = np.random.default_rng(R + M)
+    A = rng.standard_normal((R, M)).astype(dtype)
+    Bm = rng.standard_normal((R, N)).astype(dtype)
+    scratch = np.zeros((M + max(N, 32)) * nb.WG_ROWS, dtype=dtype)
+    got = []
+    for nc in (1, 2, 3):
+        C = np.full((M, N), np.nan, dtype=dtype)
+        nb._wgrad_tiled(A, Bm, C, scratch, nc)
+        got.append(C)
+    want = A.astype(np.float64).T @ Bm.astype(np.float64)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got[0], want, rtol=tol, atol=tol * R)
+    for C in got[1:]:
+        np.testing.assert_array_equal(C, got[0])
 
 
 def _matches_reference(flags, serial, mode, dtype, H,

@@ -948,15 +948,61 @@ def _wgrad_nt(A, Bm, C, scratch, nc):
             _addmm_nt(At[m0:m1], Bt, C[m0:m1])
 
 
+@njit(cache=True, parallel=True)
+def _wgrad_tiled(A, Bm, C, scratch, nc):
+    """C = A.T @ Bm (A: (R, M), Bm: (R, N)) on the register-tiled kernel:
+    per block of kb rows (at most WG_ROWS, as scratch ((M + N) * WG_ROWS)
+    allows), A's block transposed to (M, kb) and Bm's copied into panels
+    (rows of Bm are already the panels' rows), then C += At @ panels with
+    rows of C split over nc cores. kb depends on the shapes only and each
+    element is its k-ordered sum per block, so the bits do not depend on
+    the split."""
+    R, M = A.shape
+    N = Bm.shape[1]
+    P = -(-N // GEMM_NR)
+    kb = min(WG_ROWS, scratch.size // (M + P * GEMM_NR))
+    for c in prange(nc):
+        for m in range(c * M // nc, (c + 1) * M // nc):
+            C[m] = 0
+    for r0 in range(0, R, kb):
+        k1 = min(kb, R - r0)
+        At = scratch[:M * k1].reshape((M, k1))
+        Wp = _panels(scratch[M * k1:], N, k1)
+        for c in prange(nc):
+            for m in range(c * M // nc, (c + 1) * M // nc):
+                a = At[m]
+                for r in range(k1):
+                    a[r] = A[r0 + r, m]
+            for p in range(c * P // nc, (c + 1) * P // nc):
+                n0 = p * GEMM_NR
+                nn = min(GEMM_NR, N - n0)
+                o = Wp[p]
+                for r in range(k1):
+                    b = Bm[r0 + r]
+                    orow = o[r]
+                    for j in range(nn):
+                        orow[j] = b[n0 + j]
+                    for j in range(nn, GEMM_NR):
+                        orow[j] = 0
+        for c in prange(nc):
+            m0 = c * M // nc
+            m1 = (c + 1) * M // nc
+            _gemm_packed(At[m0:m1], Wp, C[m0:m1])
+
+
 @njit(cache=True)
-def _weight_grad(A, Bm, C, scratch, wscratch, nc, par):
+def _weight_grad(A, Bm, C, scratch, wscratch, nc, par, tile):
     """C = A.T @ Bm for a weight gradient. Wide ones (both sides >= 64) by
-    the blocked dot products of _wgrad_nt (wscratch); a narrow one (C: (M,
+    _wgrad_tiled when `tile` (MK_TILE), else the blocked dot products of
+    _wgrad_nt (wscratch); a narrow one (C: (M,
     N < 64), the gradient of W_ih from a small input) as (Bm.T @ A).T, whose
     rows are long (the axpy loops of _gemm_tn run along them); else _gemm_tn."""
     M, N = C.shape
     if M >= 64 and N >= 64:
-        _wgrad_nt(A, Bm, C, wscratch, nc)
+        if tile:
+            _wgrad_tiled(A, Bm, C, wscratch, nc)
+        else:
+            _wgrad_nt(A, Bm, C, wscratch, nc)
         return
     if N >= 64 or M <= N:
         _pgemm(True, A, Bm, C, False, nc, par)
@@ -1367,15 +1413,16 @@ def _backward_chunks(lstm, mode, rc, nc, rev, lengths, W_hh, GATES, HX, CX,
 
 @njit(cache=True)
 def _dir_param_grads(x, tok, rev, HX, DELTA, gW_ih, gW_hh, gb_ih, gb_hh,
-                     bias, dwt, wt, wg, nc, par):
+                     bias, dwt, wt, wg, nc, par, tile):
     """dW_ih, dW_hh as one product each over all stored deltas (rows of the
-    gradient split over the cores); db by column sums."""
+    gradient split over the cores; tile: wide ones on _wgrad_tiled); db by
+    column sums."""
     T = HX.shape[0] - 2
     B, H = HX.shape[1], HX.shape[2]
     GH = DELTA.shape[2]
     Dl = DELTA.reshape((T * B, GH))
     hprev = HX[2:T + 2] if rev else HX[0:T]
-    _weight_grad(Dl, hprev.reshape((T * B, H)), gW_hh, wt, wg, nc, par)
+    _weight_grad(Dl, hprev.reshape((T * B, H)), gW_hh, wt, wg, nc, par, tile)
     if tok.shape[0] > 0:
         I = gW_ih.shape[1]
         dw = dwt[:I * GH].reshape((I, GH))
@@ -1389,7 +1436,7 @@ def _dir_param_grads(x, tok, rev, HX, DELTA, gW_ih, gW_hh, gb_ih, gb_hh,
             for i in range(I):
                 gW_ih[j, i] = dw[i, j]
     else:
-        _weight_grad(Dl, x, gW_ih, wt, wg, nc, par)
+        _weight_grad(Dl, x, gW_ih, wt, wg, nc, par, tile)
     if bias:
         _colsum(Dl, gb_ih)
         gb_hh[:] = gb_ih
@@ -1558,7 +1605,7 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
             dstate0[0, kd] = dh
             _dir_param_grads(xin, tk, d == 1, HXall[kd], DELTA, gW_ih, gW_hh,
                              gb_ih, gb_hh, bias, dwt, wt, _section(ws, sz, 9),
-                             ncg, cfg[C_PAR])
+                             ncg, cfg[C_PAR], mk[0] & MK_TILE)
             # gradient of this layer's input (not for token ids, nor when the
             # caller passes an empty dx: training needs no input gradient)
             if not (k == 0 and (has_tok or dx.shape[0] == 0)):
