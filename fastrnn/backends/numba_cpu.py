@@ -44,6 +44,18 @@ Design (see DESIGN.md):
   in place on GATES per gate block, measured 0.76-0.93x: 4 products of
   LSTM_TILE columns and 5 activation calls per row and tile). So the plan
   keeps it as a candidate for machines where it pays; it is not the default.
+- Register-tiled products (MK_TILE, ``_gemm_packed``): a GEMM_MR x
+  GEMM_NR block of C (4 x 32 on AVX-512, 4 x 16 on AVX2) held in
+  registers while k runs, one broadcast of A and the packed panel row of W
+  per k (zmm FMAs with embedded broadcasts on the AMD EPYC); W_hh packed
+  once per recurrence for all chunks (``_pack_shared``), the wide weight
+  gradients on the same kernel (``_wgrad_tiled``). Each element is its
+  k-ordered FMA chain, so the bits do not depend on the thread count.
+  Measured there (benchmarks/tiled_products.py, float32, T=32, 2 threads):
+  the per-step products 1.2-2.4x the 4x2 loops at B >= 16, 0.85-1.1x at
+  B = 1 (one row: 3 of the 4 rows of the block are wasted); whole training
+  steps 1.01-1.19x at B >= 16 and 0.89-0.95x at B = 1. So the plan chooses
+  it per shape; FASTRNN_PLAN=off keeps the loops.
 - Optional Intel MKL (the `mkl` extra, backends/_mkl.py; FASTRNN_MKL=0
   turns it off, =1 requires it): the per-step products call cblas_?gemm (or
   the packed API, MKL_PACKED) where the plan measured it faster. The
@@ -2062,11 +2074,13 @@ def t_class(T):
 
 
 def shape_class(spec, dtype, B, tok, T):
-    """The plan's key of a shape (the read-out only scales the work)."""
+    """The plan's key of a shape (the read-out only scales the work; nr:
+    the tiled kernel's width, so that entries planned before MK_TILE
+    existed, or for another width, are measured again)."""
     cell = "lstm" if spec.mode == "lstm" else "rnn"
     return (f"{cell}/{np.dtype(dtype).name}/B={B}/H={spec.H}/I={spec.I}/"
             f"L={spec.L}/D={spec.D}/T~{t_class(T)}/{'tok' if tok else 'x'}/"
-            f"gemm={_GEMM}")
+            f"gemm={_GEMM}/nr={GEMM_NR}")
 
 
 def plan_candidates():
