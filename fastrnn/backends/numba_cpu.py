@@ -476,7 +476,18 @@ def _addmm_nt(A, W, C):
 # of fused multiply-adds, whatever the block or the rows around it, so the
 # result is bitwise the same however the rows are split.
 GEMM_MR = 4
-GEMM_NR = 32 if _llvm.get_host_cpu_features().get("avx512f", False) else 16
+
+
+def _target_avx512():
+    """Whether numba compiles for AVX-512: NUMBA_CPU_NAME (a portable
+    build, e.g. "haswell" or "generic") with NUMBA_CPU_FEATURES when set,
+    else the host."""
+    if numba.config.CPU_NAME:
+        return "+avx512f" in (numba.config.CPU_FEATURES or "")
+    return bool(_llvm.get_host_cpu_features().get("avx512f", False))
+
+
+GEMM_NR = 32 if _target_avx512() else 16
 
 
 @intrinsic
