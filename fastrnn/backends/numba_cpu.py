@@ -51,11 +51,14 @@ Design (see DESIGN.md):
   once per recurrence for all chunks (``_pack_shared``), the wide weight
   gradients on the same kernel (``_wgrad_tiled``). Each element is its
   k-ordered FMA chain, so the bits do not depend on the thread count.
-  Measured there (benchmarks/tiled_products.py, float32, T=32, 2 threads):
-  the per-step products 1.2-2.4x the 4x2 loops at B >= 16, 0.85-1.1x at
-  B = 1 (one row: 3 of the 4 rows of the block are wasted); whole training
-  steps 1.01-1.19x at B >= 16 and 0.89-0.95x at B = 1. So the plan chooses
-  it per shape; FASTRNN_PLAN=off keeps the loops.
+  Measured there (benchmarks/tiled_products.py, float32, 2 threads, on a
+  shared machine; results/tiled_products.txt): the per-step products
+  1.2-2.4x the 4x2 loops at B >= 16 (one backward point 0.99x), 0.6-1.3x
+  at B = 1 (one row: 3 of the 4 rows of the block are wasted); whole
+  training steps mostly 1.0-1.2x at B >= 16 (1.51x RNN and 1.21x LSTM at
+  B=64, H=512, T=100; one LSTM point 0.79x in one run, 0.97-1.05x in two
+  others), 0.89-0.99x at B = 1. So the plan chooses it per shape;
+  FASTRNN_PLAN=off keeps the loops.
 - Optional Intel MKL (the `mkl` extra, backends/_mkl.py; FASTRNN_MKL=0
   turns it off, =1 requires it): the per-step products call cblas_?gemm (or
   the packed API, MKL_PACKED) where the plan measured it faster. The
