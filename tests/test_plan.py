@@ -19,7 +19,8 @@ except Exception as e:  # numba missing: nothing of this file applies
     pytest.skip(f"numba backend not importable: {e}", allow_module_level=True)
 
 MKL_OK = _mkl.status()[0]
-STRATEGIES = [(0, False), (0, True), (nb.MK_FUSED, False), (nb.MK_FUSED, True)]
+STRATEGIES = [(0, False), (0, True), (nb.MK_FUSED, False), (nb.MK_FUSED, True),
+              (nb.MK_TILE, False), (nb.MK_TILE, True)]
 if MKL_OK:
     STRATEGIES += [(f, s) for f in (nb.MK_FWD, nb.MK_BWD, nb.MK_FWD | nb.MK_BWD,
                                     nb.MK_FUSED | nb.MK_BWD)
@@ -38,7 +39,7 @@ def plan_dir(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flags,serial", STRATEGIES,
                          ids=[f"mk{f}-{'serial' if s else 'par'}" for f, s in STRATEGIES])
-@pytest.mark.parametrize("mode", ["tanh", "lstm"])
+@pytest.mark.parametrize("mode", ["tanh", "lstm", "gru"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_every_strategy_matches_reference(monkeypatch, flags, serial, mode, dtype):
     """Three Adam + ClipNorm steps with lengths and a carried state, 2 layers
@@ -61,10 +62,71 @@ def test_fused_lstm_with_several_tiles(monkeypatch, dtype):
                        H=2 * nb.LSTM_TILE + 6, opt=lambda: fr.SGD(0.1))
 
 
+@pytest.mark.parametrize("mode", ["tanh", "lstm", "gru"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tiled_products_with_several_panels(monkeypatch, mode, dtype):
+    """The register-tiled products (MK_TILE) at H = 70: W_hh's panels end
+    in a partly padded one (forward and backward), the weight gradients
+    are wide enough for _wgrad_tiled, and at B = 17 the chunks' last
+    blocks of GEMM_MR rows are short; B = 5 and 1 as well. SGD, as in the
+    fused test above."""
+    assert 70 % nb.GEMM_NR
+    monkeypatch.setattr(nb, "choose", lambda *a: (nb.MK_TILE, False))
+    _matches_reference(nb.MK_TILE, False, mode, dtype, H=70,
+                       opt=lambda: fr.SGD(0.1),
+                       batches=((17, np.array([6, 2, 6, 1, 4, 6, 3, 6, 6,
+                                               5, 6, 1, 6, 2, 6, 6, 4])),
+                                (5, np.array([6, 2, 6, 1, 4])),
+                                (1, np.array([5]))))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (3, 7, 5), (4, 9, 33),
+                                   (13, 40, 70), (8, 64, 64)])
+def test_gemm_packed_matches_numpy(dtype, M, K, N):
+    """_gemm_packed adds A @ W.T to C from W packed by _pack_panels, for
+    rows and columns that are and are not multiples of the tile."""
+    rng = np.random.default_rng(M * 100 + N)
+    A = rng.standard_normal((M, K)).astype(dtype)
+    W = rng.standard_normal((N, K)).astype(dtype)
+    C = rng.standard_normal((M, N)).astype(dtype)
+    want = C.astype(np.float64) + A.astype(np.float64) @ W.T.astype(np.float64)
+    pk = np.full(-(-N // nb.GEMM_NR) * nb.GEMM_NR * K, np.nan, dtype=dtype)
+    Wp = nb._panels(pk, N, K)
+    nb._pack_panels(W, Wp)
+    nb._gemm_packed(A, Wp, C)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(C, want, rtol=tol, atol=tol * K)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("R,M,N", [(300, 70, 65), (5, 64, 96)])
+def test_wgrad_tiled_matches_numpy(dtype, R, M, N):
+    """_wgrad_tiled (the weight gradients under MK_TILE) computes A.T @ Bm
+    over more rows than one block and fewer, with panels that end partly
+    padded, and the same bits on 1, 2 and 3 cores."""
+    rng = np.random.default_rng(R + M)
+    A = rng.standard_normal((R, M)).astype(dtype)
+    Bm = rng.standard_normal((R, N)).astype(dtype)
+    scratch = np.zeros((M + max(N, 32)) * nb.WG_ROWS, dtype=dtype)
+    got = []
+    for nc in (1, 2, 3):
+        C = np.full((M, N), np.nan, dtype=dtype)
+        nb._wgrad_tiled(A, Bm, C, scratch, nc)
+        got.append(C)
+    want = A.astype(np.float64).T @ Bm.astype(np.float64)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got[0], want, rtol=tol, atol=tol * R)
+    for C in got[1:]:
+        np.testing.assert_array_equal(C, got[0])
+
+
 def _matches_reference(flags, serial, mode, dtype, H,
-                       opt=lambda: fr.Adam(0.02)):
+                       opt=lambda: fr.Adam(0.02),
+                       batches=((5, np.array([6, 2, 6, 1, 4])),
+                                (1, np.array([5])))):
     T, I, O = 6, 3, 4
-    for B, lengths in ((5, np.array([6, 2, 6, 1, 4])), (1, np.array([5]))):
+    for B, lengths in batches:
         res = {}
         for backend in ("numpy", "numba"):
             core = make_layer(mode, I, H, 2, True, dtype, backend, seed=3)
@@ -81,7 +143,8 @@ def _matches_reference(flags, serial, mode, dtype, H,
             res[backend] = (out, model.state_dict())
             if backend == "numba":
                 c = step._ctx["numba"]
-                want = flags if nb._GEMM == "mkl" else flags & nb.MK_FUSED
+                want = flags if nb._GEMM == "mkl" else (
+                    flags & (nb.MK_FUSED | nb.MK_TILE))
                 assert int(c.cfg[nb.C_MKL]) == want
                 assert c.serial == serial
         (ra, pa), (rb, pb) = res["numpy"], res["numba"]

@@ -6,7 +6,7 @@ Each thread-count case runs in a fresh process (numba fixes its thread pool
 at start-up); a few training steps at shapes where the batch is split into
 chunks (B = 16, 17: uneven) and the one-off products are split over cores
 (PAR_MACS forced to 0), RNN and LSTM, plan off, the fused LSTM forward
-forced and (with MKL) MKL forced."""
+forced, the register-tiled products forced and (with MKL) MKL forced."""
 import ctypes
 import glob
 import json
@@ -39,6 +39,8 @@ CHILD = textwrap.dedent("""
         nb.MKL_FORCE = nb.MK_FWD | nb.MK_BWD
     elif force == "fused":
         nb.MKL_FORCE = nb.MK_FUSED
+    elif force == "tiled":
+        nb.MKL_FORCE = nb.MK_TILE
     out = {{}}
     for cell, B, H, L, bidir in (("rnn", 16, 12, 1, False),
                                  ("lstm", 17, 8, 2, True),
@@ -79,8 +81,8 @@ def _run(force, **env_extra):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("force", ["", "mkl", "fused"],
-                         ids=["loops", "mkl", "fused"])
+@pytest.mark.parametrize("force", ["", "mkl", "fused", "tiled"],
+                         ids=["loops", "mkl", "fused", "tiled"])
 def test_bitwise_equal_for_any_thread_count(force):
     if force == "mkl" and not _mkl.status()[0]:
         pytest.skip(f"MKL unavailable: {_mkl.status()[1]}")

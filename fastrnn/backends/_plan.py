@@ -2,13 +2,15 @@
 on this machine, timed the first time the shape is used and kept on disk.
 
 A shape class is (cell, dtype, B, H, I, layers, directions, token ids, T
-rounded up to a power of 2); the read-out only scales the work. For each class the backend times its
-strategies (numba_cpu.plan_candidates: the per-step products on its own
-loops or on MKL when installed, the batch chunks run on all of numba's
-threads or on one) on a short synthetic training step and keeps the fastest
+rounded up to a power of 2); the read-out only scales the work. For each
+class the backend times its strategies (numba_cpu.plan_candidates: the
+per-step products on its own loops, on its register-tiled kernel or on
+MKL when installed, the batch chunks run on all of numba's threads or on
+one) on a short synthetic training step and keeps the fastest
 (like FFTW's wisdom or cuDNN's benchmark mode). Every strategy computes the
 same step (tests/test_plan.py checks each against the reference); the
-choice of MKL changes float rounding, the choice of threads never does.
+choice of MKL or of the tiled kernel changes float rounding, the choice
+of threads never does.
 
 The plan file `fastrnn-plan-<machine>.json` lives beside Numba's cache of the
 kernels (NUMBA_CACHE_DIR when set, else the backend's __pycache__; a user

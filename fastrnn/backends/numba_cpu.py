@@ -44,6 +44,21 @@ Design (see DESIGN.md):
   in place on GATES per gate block, measured 0.76-0.93x: 4 products of
   LSTM_TILE columns and 5 activation calls per row and tile). So the plan
   keeps it as a candidate for machines where it pays; it is not the default.
+- Register-tiled products (MK_TILE, ``_gemm_packed``): a GEMM_MR x
+  GEMM_NR block of C (4 x 32 on AVX-512, 4 x 16 on AVX2) held in
+  registers while k runs, one broadcast of A and the packed panel row of W
+  per k (zmm FMAs with embedded broadcasts on the AMD EPYC); W_hh packed
+  once per recurrence for all chunks (``_pack_shared``), the wide weight
+  gradients on the same kernel (``_wgrad_tiled``). Each element is its
+  k-ordered FMA chain, so the bits do not depend on the thread count.
+  Measured there (benchmarks/tiled_products.py, float32, 2 threads, on a
+  shared machine; results/tiled_products.txt): the per-step products
+  1.2-2.4x the 4x2 loops at B >= 16 (one backward point 0.99x), 0.6-1.3x
+  at B = 1 (one row: 3 of the 4 rows of the block are wasted); whole
+  training steps mostly 1.0-1.2x at B >= 16 (1.51x RNN and 1.21x LSTM at
+  B=64, H=512, T=100; one LSTM point 0.79x in one run, 0.97-1.05x in two
+  others), 0.89-0.99x at B = 1. So the plan chooses it per shape;
+  FASTRNN_PLAN=off keeps the loops.
 - Optional Intel MKL (the `mkl` extra, backends/_mkl.py; FASTRNN_MKL=0
   turns it off, =1 requires it): the per-step products call cblas_?gemm (or
   the packed API, MKL_PACKED) where the plan measured it faster. The
@@ -73,7 +88,9 @@ import os
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from llvmlite import binding as _llvm
+from numba import carray, njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _mkl, _plan, ctx_state
@@ -94,6 +111,9 @@ MK_FWD, MK_BWD, MK_PACKED = 1, 2, 4
 # Not MKL: the LSTM forward recurrence on the tiled, fused kernel
 # (_lstm_recur_tiled); a strategy of the plan like the MKL flags.
 MK_FUSED = 8
+# Not MKL: both per-step products on the register-tiled kernel of packed
+# panels (_gemm_packed; W_hh packed once per call by _mkl_pack_w).
+MK_TILE = 16
 MK_MKL = MK_FWD | MK_BWD
 # ---- fcfg indices ----------------------------------------------------------
 F_LR, F_MOM, F_B1, F_B2, F_EPS, F_LIMIT, F_SCLIP = range(7)
@@ -457,6 +477,127 @@ def _addmm_nt(A, W, C):
         m += 1
 
 
+# ---- register-tiled products on packed panels --------------------------------
+# C += A @ W.T as an outer-product micro-kernel: W is packed once into
+# panels of GEMM_NR columns of W.T (contiguous (K, GEMM_NR) blocks, zero
+# padded), and a GEMM_MR x GEMM_NR block of C stays in registers while k
+# runs: per k, GEMM_MR broadcasts of A and GEMM_NR / vector-width loads of
+# the panel feed GEMM_MR * GEMM_NR fused multiply-adds. The block lives in a
+# stack array indexed only by constants (_tile_stack), which LLVM promotes
+# to registers (a heap array would be stored back every k). GEMM_NR is 32
+# on AVX-512 hosts (2 zmm per row in float32, 8 accumulators) and 16
+# otherwise (AVX2: 2 ymm per row). Each element of C is its k-ordered chain
+# of fused multiply-adds, whatever the block or the rows around it, so the
+# result is bitwise the same however the rows are split.
+GEMM_MR = 4
+
+
+def _target_avx512():
+    """Whether numba compiles for AVX-512: NUMBA_CPU_NAME (a portable
+    build, e.g. "haswell" or "generic") with NUMBA_CPU_FEATURES when set,
+    else the host."""
+    if numba.config.CPU_NAME:
+        return "+avx512f" in (numba.config.CPU_FEATURES or "")
+    return bool(_llvm.get_host_cpu_features().get("avx512f", False))
+
+
+GEMM_NR = 32 if _target_avx512() else 16
+
+
+@intrinsic
+def _tile_stack(typingctx, A):
+    """A pointer to GEMM_MR * GEMM_NR elements of A's dtype on the stack
+    (in the calling function's entry block)."""
+    ty = A.dtype
+    sig = types.CPointer(ty)(A)
+
+    def codegen(context, builder, sig, args):
+        lty = context.get_value_type(ty)
+        p = cgutils.alloca_once(builder, ir.ArrayType(lty, GEMM_MR * GEMM_NR))
+        return builder.bitcast(p, lty.as_pointer())
+    return sig, codegen
+
+
+@njit(cache=True)
+def _panels(buf, N, K):
+    """The (P, K, GEMM_NR) view of buf that holds W (N, K) packed in
+    panels. The callers of _gemm_packed take it (a reshape inside the
+    kernel kept LLVM from holding the block of C in registers)."""
+    P = -(-N // GEMM_NR)
+    return buf[:P * K * GEMM_NR].reshape((P, K, GEMM_NR))
+
+
+@njit(cache=True, parallel=True)
+def _pack_panels(W, out):
+    """Pack W (N, K) into panels, out = _panels(buf, N, K): panel p, row k
+    holds W[p*GEMM_NR:(p+1)*GEMM_NR, k], zero padded past N. Panels split
+    over the cores; within one, k outer: GEMM_NR rows of W are read along
+    while each panel row is written in one piece."""
+    N, K = W.shape
+    for p in prange(out.shape[0]):
+        n0 = p * GEMM_NR
+        nn = min(GEMM_NR, N - n0)
+        o = out[p]
+        for k in range(K):
+            ok = o[k]
+            for j in range(nn):
+                ok[j] = W[n0 + j, k]
+            for j in range(nn, GEMM_NR):
+                ok[j] = 0
+
+
+@njit(cache=True)
+def _pack_shared(mk, W, pack):
+    """With MK_TILE, W packed once into the workspace section PACK for all
+    the chunks of a recurrence (W_hh forward, W_hh.T backward): it is the
+    same for every step and every chunk."""
+    if mk[0] & MK_TILE:
+        _pack_panels(W, _panels(_pack_slot(pack, mk, 0), W.shape[0],
+                                W.shape[1]))
+
+
+@njit(cache=True, fastmath={"contract"})
+def _gemm_packed(A, Wp, C):
+    """C += A @ W.T for A: (M, K), C: (M, N) and W (N, K) packed in the
+    panels Wp by _pack_panels. Blocks of GEMM_MR rows of A (a last, short
+    block reads its last row again and drops those sums) by one panel."""
+    M, K = A.shape
+    N = C.shape[1]
+    acc = carray(_tile_stack(A), (GEMM_MR, GEMM_NR))
+    out = carray(_tile_stack(A), (GEMM_MR, GEMM_NR))
+    for p in range(Wp.shape[0]):
+        n0 = p * GEMM_NR
+        nn = min(GEMM_NR, N - n0)
+        Bp = Wp[p]
+        for m in range(0, M, GEMM_MR):
+            a0 = A[m]
+            a1 = A[min(m + 1, M - 1)]
+            a2 = A[min(m + 2, M - 1)]
+            a3 = A[min(m + 3, M - 1)]
+            for i in range(GEMM_MR):
+                for j in range(GEMM_NR):
+                    acc[i, j] = 0
+            for k in range(K):
+                b = Bp[k]
+                x0 = a0[k]
+                x1 = a1[k]
+                x2 = a2[k]
+                x3 = a3[k]
+                for j in range(GEMM_NR):
+                    bj = b[j]
+                    acc[0, j] += x0 * bj
+                    acc[1, j] += x1 * bj
+                    acc[2, j] += x2 * bj
+                    acc[3, j] += x3 * bj
+            for i in range(GEMM_MR):
+                for j in range(GEMM_NR):
+                    out[i, j] = acc[i, j]
+            for i in range(min(GEMM_MR, M - m)):
+                c = C[m + i]
+                for j in range(nn):
+                    c[n0 + j] += out[i, j]
+
+
 # Column blocks of the axpy-form products (_gemm_nn, _gemm_tn): 4 rows of C
 # of this many elements stay in L1 while the k (or r) loop runs; row blocks
 # of _gemm_tn: this many rows of Bm stay in L2 across the blocks of C.
@@ -687,7 +828,10 @@ def _data_address(typingctx, A):
 
 @njit(cache=True)
 def _pack_slot(pack, mk, c):
-    """Chunk c's slot of the workspace section PACK, aligned to 64 bytes."""
+    """Chunk c's slot of the workspace section PACK, aligned to 64 bytes
+    (with MK_TILE one slot that all chunks share)."""
+    if mk[0] & MK_TILE:
+        c = 0
     n = mk[4]
     slot = pack[c * n:(c + 1) * n]
     isz = pack.itemsize
@@ -700,7 +844,10 @@ def _mkl_pack_w(mk, W, m, fwd, pbuf):
     """Pack the recurrent weights once for the per-step products of a chunk
     of m rows: forward W = W_hh (GH, H) as op(B) = W_hh.T (C += A @ W_hh.T),
     backward W = W_hh.T (H, GH) as op(B) = W_hh (C = A @ W_hh). Nothing when
-    those products do not use packed MKL."""
+    those products do not use packed MKL (MK_TILE: _pack_shared packed W
+    for all chunks)."""
+    if mk[0] & MK_TILE:
+        return
     if fwd and (mk[0] & MK_FWD) and (mk[0] & MK_PACKED):
         GH, H = W.shape
         _mkl_pack(mk[2], _B_MATRIX, _TRANS, m, GH, H, 1.0, W, H, pbuf)
@@ -713,7 +860,11 @@ def _mkl_pack_w(mk, W, m, fwd, pbuf):
 def _step_nt(mk, A, W, C, pbuf):
     """The forward per-step product C += A @ W.T (A: (m, H) rows of h_{t-1},
     W: W_hh (GH, H), C: (m, GH)): MKL (packed W from _mkl_pack_w, or plain
-    sgemm) when mk says so, else _addmm_nt."""
+    sgemm) when mk says so, the packed panels of W (MK_TILE), else
+    _addmm_nt."""
+    if mk[0] & MK_TILE:
+        _gemm_packed(A, _panels(pbuf, W.shape[0], W.shape[1]), C)
+        return
     if mk[0] & MK_FWD:
         M, K = A.shape
         N = W.shape[0]
@@ -733,9 +884,13 @@ def _step_nn(mk, A, W, C, pbuf):
     W_hh transposed (H, GH), which core_backward_kernel passes to the
     backward recurrences in W_hh's place; C: (m, H)): MKL when mk says so,
     else the dot-product loops of _addmm_nt along rows of W (1.3-2x the axpy
-    form over W_hh's rows)."""
+    form over W_hh's rows); with MK_TILE the packed panels of W."""
     M, K = A.shape
     N = W.shape[0]
+    if mk[0] & MK_TILE:
+        C[:] = 0
+        _gemm_packed(A, _panels(pbuf, N, K), C)
+        return
     if mk[0] & MK_BWD:
         if mk[0] & MK_PACKED:
             _mkl_compute(mk[3], _NO_TRANS, _PACKED, M, N, K, A, K, pbuf, K,
@@ -830,15 +985,61 @@ def _wgrad_nt(A, Bm, C, scratch, nc):
             _addmm_nt(At[m0:m1], Bt, C[m0:m1])
 
 
+@njit(cache=True, parallel=True)
+def _wgrad_tiled(A, Bm, C, scratch, nc):
+    """C = A.T @ Bm (A: (R, M), Bm: (R, N)) on the register-tiled kernel:
+    per block of kb rows (at most WG_ROWS, as scratch ((M + N) * WG_ROWS)
+    allows), A's block transposed to (M, kb) and Bm's copied into panels
+    (rows of Bm are already the panels' rows), then C += At @ panels with
+    rows of C split over nc cores. kb depends on the shapes only and each
+    element is its k-ordered sum per block, so the bits do not depend on
+    the split."""
+    R, M = A.shape
+    N = Bm.shape[1]
+    P = -(-N // GEMM_NR)
+    kb = min(WG_ROWS, scratch.size // (M + P * GEMM_NR))
+    for c in prange(nc):
+        for m in range(c * M // nc, (c + 1) * M // nc):
+            C[m] = 0
+    for r0 in range(0, R, kb):
+        k1 = min(kb, R - r0)
+        At = scratch[:M * k1].reshape((M, k1))
+        Wp = _panels(scratch[M * k1:], N, k1)
+        for c in prange(nc):
+            for m in range(c * M // nc, (c + 1) * M // nc):
+                a = At[m]
+                for r in range(k1):
+                    a[r] = A[r0 + r, m]
+            for p in range(c * P // nc, (c + 1) * P // nc):
+                n0 = p * GEMM_NR
+                nn = min(GEMM_NR, N - n0)
+                o = Wp[p]
+                for r in range(k1):
+                    b = Bm[r0 + r]
+                    orow = o[r]
+                    for j in range(nn):
+                        orow[j] = b[n0 + j]
+                    for j in range(nn, GEMM_NR):
+                        orow[j] = 0
+        for c in prange(nc):
+            m0 = c * M // nc
+            m1 = (c + 1) * M // nc
+            _gemm_packed(At[m0:m1], Wp, C[m0:m1])
+
+
 @njit(cache=True)
-def _weight_grad(A, Bm, C, scratch, wscratch, nc, par):
+def _weight_grad(A, Bm, C, scratch, wscratch, nc, par, tile):
     """C = A.T @ Bm for a weight gradient. Wide ones (both sides >= 64) by
-    the blocked dot products of _wgrad_nt (wscratch); a narrow one (C: (M,
+    _wgrad_tiled when `tile` (MK_TILE), else the blocked dot products of
+    _wgrad_nt (wscratch); a narrow one (C: (M,
     N < 64), the gradient of W_ih from a small input) as (Bm.T @ A).T, whose
     rows are long (the axpy loops of _gemm_tn run along them); else _gemm_tn."""
     M, N = C.shape
     if M >= 64 and N >= 64:
-        _wgrad_nt(A, Bm, C, wscratch, nc)
+        if tile:
+            _wgrad_tiled(A, Bm, C, wscratch, nc)
+        else:
+            _wgrad_nt(A, Bm, C, wscratch, nc)
         return
     if N >= 64 or M <= N:
         _pgemm(True, A, Bm, C, False, nc, par)
@@ -1326,6 +1527,7 @@ def _forward_chunks(lstm, mode, fast, rc, nc, rev, lengths, W_hh, GATES,
                     HX, CX, TC, lout, col, co, cot, mk, pack, b_hn):
     """TC is the GRU's HN; b_hn its n block of b_hh (empty without bias)."""
     B = HX.shape[1]
+    _pack_shared(mk, W_hh, pack)
     for c in prange(nc):
         r0 = c * rc
         r1 = min(B, r0 + rc)
@@ -1349,6 +1551,7 @@ def _backward_chunks(lstm, mode, rc, nc, rev, lengths, W_hh, GATES, HX, CX,
                      mk, pack, dcs, DELTAH):
     """TC is the GRU's HN; DELTAH its recurrent-side deltas."""
     B = HX.shape[1]
+    _pack_shared(mk, W_hh, pack)
     for c in prange(nc):
         r0 = c * rc
         r1 = min(B, r0 + rc)
@@ -1371,17 +1574,18 @@ def _backward_chunks(lstm, mode, rc, nc, rev, lengths, W_hh, GATES, HX, CX,
 
 @njit(cache=True)
 def _dir_param_grads(x, tok, rev, HX, DELTA, gW_ih, gW_hh, gb_ih, gb_hh,
-                     bias, dwt, wt, wg, nc, par, DELTAH, gru):
+                     bias, dwt, wt, wg, nc, par, DELTAH, gru, tile):
     """dW_ih, dW_hh as one product each over all stored deltas (rows of the
-    gradient split over the cores); db by column sums. The GRU's W_hh and
-    b_hh take the recurrent-side deltas DELTAH."""
+    gradient split over the cores; tile: wide ones on _wgrad_tiled); db by
+    column sums. The GRU's W_hh and b_hh take the recurrent-side deltas
+    DELTAH."""
     T = HX.shape[0] - 2
     B, H = HX.shape[1], HX.shape[2]
     GH = DELTA.shape[2]
     Dl = DELTA.reshape((T * B, GH))
     Dh = DELTAH.reshape((T * B, GH)) if gru else Dl
     hprev = HX[2:T + 2] if rev else HX[0:T]
-    _weight_grad(Dh, hprev.reshape((T * B, H)), gW_hh, wt, wg, nc, par)
+    _weight_grad(Dh, hprev.reshape((T * B, H)), gW_hh, wt, wg, nc, par, tile)
     if tok.shape[0] > 0:
         I = gW_ih.shape[1]
         dw = dwt[:I * GH].reshape((I, GH))
@@ -1395,7 +1599,7 @@ def _dir_param_grads(x, tok, rev, HX, DELTA, gW_ih, gW_hh, gb_ih, gb_hh,
             for i in range(I):
                 gW_ih[j, i] = dw[i, j]
     else:
-        _weight_grad(Dl, x, gW_ih, wt, wg, nc, par)
+        _weight_grad(Dl, x, gW_ih, wt, wg, nc, par, tile)
     if bias:
         _colsum(Dl, gb_ih)
         if gru:
@@ -1576,7 +1780,7 @@ def core_backward_kernel(cfg, flat, x, tok, lengths, ws, dtop, dstate_n,
             dstate0[0, kd] = dh
             _dir_param_grads(xin, tk, d == 1, HXall[kd], DELTA, gW_ih, gW_hh,
                              gb_ih, gb_hh, bias, dwt, wt, _section(ws, sz, 9),
-                             ncg, cfg[C_PAR], DELTAH, gru)
+                             ncg, cfg[C_PAR], DELTAH, gru, mk[0] & MK_TILE)
             # gradient of this layer's input (not for token ids, nor when the
             # caller passes an empty dx: training needs no input gradient)
             if not (k == 0 and (has_tok or dx.shape[0] == 0)):
@@ -1915,7 +2119,15 @@ def _mkl_config(cfg, spec, dtype, flags, rc):
     it (chunks of at most rc rows); returns the elements of one chunk's
     packing slot (0: no packing)."""
     cfg[C_MKL:C_MKL + 6] = 0
-    cfg[C_MKL] = flags & MK_FUSED
+    cfg[C_MKL] = flags & (MK_FUSED | MK_TILE)
+    if flags & MK_TILE:
+        H, GH = spec.H, (4 if spec.mode == "lstm" else 1) * spec.H
+        isz = np.dtype(dtype).itemsize
+        packn = GEMM_NR * max(-(-GH // GEMM_NR) * H,     # W_hh, forward
+                              -(-H // GEMM_NR) * GH)     # W_hh.T, backward
+        packn += 64 // isz                 # room to align the slot
+        cfg[C_MKL_PACKN] = packn
+        return packn
     if _GEMM != "mkl" or flags & MK_MKL == 0:
         return 0
     t = np.dtype(dtype).char
@@ -1961,7 +2173,8 @@ def _make_cfg(spec, dtype, T, B, tok, flags):
     cfg[C_POFF:] = poff.ravel()
     packn = _mkl_config(cfg, spec, dtype, flags, rc)
     n = workspace_size(T, B, spec.I, spec.H, spec.L, spec.D, spec.G, spec.O,
-                       _CELLS.get(spec.mode, 0), int(tok), cfg[C_NC] * packn)
+                       _CELLS.get(spec.mode, 0), int(tok),
+                       (1 if flags & MK_TILE else cfg[C_NC]) * packn)
     return cfg, n
 
 
@@ -2030,21 +2243,24 @@ def t_class(T):
 
 
 def shape_class(spec, dtype, B, tok, T):
-    """The plan's key of a shape (the read-out only scales the work)."""
+    """The plan's key of a shape (the read-out only scales the work; nr:
+    the tiled kernel's width, so that entries planned before MK_TILE
+    existed, or for another width, are measured again)."""
     cell = spec.mode if spec.mode in ("lstm", "gru") else "rnn"
     return (f"{cell}/{np.dtype(dtype).name}/B={B}/H={spec.H}/I={spec.I}/"
             f"L={spec.L}/D={spec.D}/T~{t_class(T)}/{'tok' if tok else 'x'}/"
-            f"gemm={_GEMM}")
+            f"gemm={_GEMM}/nr={GEMM_NR}")
 
 
 def plan_candidates():
     """The MK_* flags the plan chooses among: the loops (0), the fused LSTM
     forward (MK_FUSED, LSTM only), and with the engine "mkl" MKL for the
     forward, the backward or both per-step products (the backward also
-    with the fused forward)."""
+    with the fused forward), and the register-tiled kernel of packed
+    panels for both per-step products (MK_TILE)."""
     if _GEMM != "mkl":
-        return [0, MK_FUSED]
-    return [0, MK_FUSED, MK_FWD, MK_BWD, MK_FWD | MK_BWD, MK_FUSED | MK_BWD]
+        return [0, MK_FUSED, MK_TILE]
+    return [0, MK_FUSED, MK_TILE, MK_FWD, MK_BWD, MK_FWD | MK_BWD, MK_FUSED | MK_BWD]
 
 
 def _plan_version():
@@ -2096,7 +2312,8 @@ def tune(cells, batches, hiddens, I=32, dtype="float32", replan=False, T=100):
                 mk, serial = choose(spec, dtype, B, False, T)
                 names = [n for f, n in ((MK_FWD, "fwd"), (MK_BWD, "bwd"))
                          if mk & f]
-                prod = ("mkl " + "+".join(names)) if names else "loops"
+                prod = ("mkl " + "+".join(names)) if names else (
+                    "tiled" if mk & MK_TILE else "loops")
                 if mk & MK_FUSED:
                     prod = "fused" + (" " + prod if names else "")
                 rows.append(dict(
