@@ -174,8 +174,9 @@ def add_tune_parser(sub, formatter_class=None):
         "tune", help="plan the numba backend's strategies for a grid of shapes "
         "now (compiling its kernels) and print the choices",
         formatter_class=formatter_class)
-    t.add_argument("--cells", default="rnn,lstm",
-                   help="comma-separated: rnn, lstm, gru")
+    t.add_argument("--cells", default="rnn,lstm,gru",
+                   help="comma-separated: rnn, lstm, gru (default: the benchmark "
+                   "grid's, all three)")
     t.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
     t.add_argument("--hiddens", default="32,128,512", help="comma-separated hidden sizes")
     t.add_argument("--input-size", type=int, default=32)

@@ -1908,7 +1908,15 @@ def _sections_of(cfg):
     cell = 1 if mode == LSTM else 2 if mode == GRU else 0
     return _sections(cfg[C_T], cfg[C_B], cfg[C_I], cfg[C_H], cfg[C_L],
                      cfg[C_D], _gates(mode), cfg[C_O], cell,
-                     cfg[C_TOK], cfg[C_NC] * cfg[C_MKL_PACKN])
+                     cfg[C_TOK], _pack_elems(cfg))
+
+
+@njit(cache=True)
+def _pack_elems(cfg):
+    """Elements of the workspace section PACK: a slot per chunk (MKL's packed
+    W_hh), or one slot all the chunks share with MK_TILE (_pack_slot)."""
+    slots = 1 if cfg[C_MKL] & MK_TILE else cfg[C_NC]
+    return slots * cfg[C_MKL_PACKN]
 
 
 @njit(cache=True)
@@ -2121,7 +2129,7 @@ def _mkl_config(cfg, spec, dtype, flags, rc):
     cfg[C_MKL:C_MKL + 6] = 0
     cfg[C_MKL] = flags & (MK_FUSED | MK_TILE)
     if flags & MK_TILE:
-        H, GH = spec.H, (4 if spec.mode == "lstm" else 1) * spec.H
+        H, GH = spec.H, spec.G * spec.H
         isz = np.dtype(dtype).itemsize
         packn = GEMM_NR * max(-(-GH // GEMM_NR) * H,     # W_hh, forward
                               -(-H // GEMM_NR) * GH)     # W_hh.T, backward
@@ -2171,10 +2179,10 @@ def _make_cfg(spec, dtype, T, B, tok, flags):
     cfg[C_PAR] = PAR_MACS
     cfg[C_WOUT], cfg[C_BOUT] = out_offsets(spec)
     cfg[C_POFF:] = poff.ravel()
-    packn = _mkl_config(cfg, spec, dtype, flags, rc)
+    _mkl_config(cfg, spec, dtype, flags, rc)
     n = workspace_size(T, B, spec.I, spec.H, spec.L, spec.D, spec.G, spec.O,
                        _CELLS.get(spec.mode, 0), int(tok),
-                       (1 if flags & MK_TILE else cfg[C_NC]) * packn)
+                       _pack_elems.py_func(cfg))
     return cfg, n
 
 
