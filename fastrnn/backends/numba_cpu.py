@@ -1146,6 +1146,23 @@ def _rnn_recur(mode, fast, rev, lengths, W_hh, HX, lout, col, co,
 
 
 @njit(cache=True)
+def _take_dh(d, g, sclip, use_sclip):
+    """dL/dh_t of one row at the top of a BPTT step: d (carried back from
+    t+1) += g (from the layer above or the read-out), clamped to
+    [-sclip, sclip] when use_sclip (state_clip); returns its squared norm
+    (gradient_flow)."""
+    for j in range(d.shape[0]):
+        d[j] += g[j]
+    if use_sclip:
+        for j in range(d.shape[0]):
+            d[j] = min(max(d[j], -sclip), sclip)
+    acc = 0.0
+    for j in range(d.shape[0]):
+        acc += np.float64(d[j]) * d[j]
+    return acc
+
+
+@njit(cache=True)
 def _rnn_back_recur(mode, rev, lengths, W_hh, HX, dlout, col, dh,
                     DELTA, sclip, use_sclip, flow, r0, r1, mk, pbuf):
     """BPTT of one direction for batch rows [r0, r1). dh (B, H) holds dL/dh_T
@@ -1162,16 +1179,7 @@ def _rnn_back_recur(mode, rev, lengths, W_hh, HX, dlout, col, dh,
             dl = DELTA[t, b]
             if t < lengths[b]:
                 d = dh[b]
-                g = dlout[t, b, col:col + H]
-                for j in range(H):
-                    d[j] += g[j]
-                if use_sclip:
-                    for j in range(H):
-                        d[j] = min(max(d[j], -sclip), sclip)
-                acc = 0.0
-                for j in range(H):
-                    acc += np.float64(d[j]) * d[j]
-                flow[t] += acc
+                flow[t] += _take_dh(d, dlout[t, b, col:col + H], sclip, use_sclip)
                 _dact_mul_row(mode, HX[t + 1, b], d, dl)
             else:
                 for j in range(H):
@@ -1362,16 +1370,7 @@ def _lstm_back_recur(rev, lengths, W_hh, GATES, CX, TC, dlout, col,
             dl = DELTA[t, b]
             if t < lengths[b]:
                 d = dh[b]
-                g = dlout[t, b, col:col + H]
-                for j in range(H):
-                    d[j] += g[j]
-                if use_sclip:
-                    for j in range(H):
-                        d[j] = min(max(d[j], -sclip), sclip)
-                acc = 0.0
-                for j in range(H):
-                    acc += np.float64(d[j]) * d[j]
-                flow[t] += acc
+                flow[t] += _take_dh(d, dlout[t, b, col:col + H], sclip, use_sclip)
                 a = GATES[t, b]
                 ig = a[0:H]
                 fg = a[H:2 * H]
@@ -1476,16 +1475,7 @@ def _gru_back_recur(rev, lengths, W_hh, GATES, HX, HN, dlout, col, dh, DELTA,
             dlh = DELTAH[t, b]
             if t < lengths[b]:
                 d = dh[b]
-                g = dlout[t, b, col:col + H]
-                for j in range(H):
-                    d[j] += g[j]
-                if use_sclip:
-                    for j in range(H):
-                        d[j] = min(max(d[j], -sclip), sclip)
-                acc = 0.0
-                for j in range(H):
-                    acc += np.float64(d[j]) * d[j]
-                flow[t] += acc
+                flow[t] += _take_dh(d, dlout[t, b, col:col + H], sclip, use_sclip)
                 a = GATES[t, b]
                 hn = HN[t, b]
                 hp = HX[tp, b]
