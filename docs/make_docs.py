@@ -285,7 +285,9 @@ def make_blocks(run, cfg, mode, text_file):
 
 def check_story(story):
     """The page's prose says which models of `compare` solve the task."""
-    expected = {"rnn": False, "irnn": True, "lstm": True, "gru": True}
+    # the IRNN ends near the threshold with the default budget, either side
+    # of it from one version of the kernels to the next: the prose says so
+    expected = {"rnn": False, "lstm": True, "gru": True}
     return [f"compare: {name} {'solved' if story[name] else 'did not solve'} the task; "
             f"the prose of docs/main_job.md says otherwise: update it"
             for name, want in expected.items() if name in story and story[name] != want]
