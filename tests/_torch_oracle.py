@@ -151,17 +151,18 @@ def unrolled(params, x, num_layers, mode, bidirectional, hx=None,
 
 
 class TorchModel:
-    """torch twin of an fr.SequenceModel (LSTM or RNN core), loaded from
-    model.state_dict(); double precision. ``mode`` is "lstm" or the RNN's
-    nonlinearity. The core runs as ``unrolled`` for "sigmoid" (nn.RNN has
+    """torch twin of an fr.SequenceModel (LSTM, GRU or RNN core), loaded from
+    model.state_dict(); double precision. ``mode`` is "lstm", "gru" or the
+    RNN's nonlinearity. The core runs as ``unrolled`` for "sigmoid" (nn.RNN has
     none) and whenever ``run_core`` gets keywords for it."""
 
     def __init__(self, model_sd, I, H, O, num_layers, mode, bias,
                  bidirectional, loss, readout):
         D = 2 if bidirectional else 1
-        if mode == "lstm":
-            self.core = torch.nn.LSTM(I, H, num_layers=num_layers, bias=bias,
-                                      bidirectional=bidirectional).double()
+        if mode in ("lstm", "gru"):
+            cls = torch.nn.LSTM if mode == "lstm" else torch.nn.GRU
+            self.core = cls(I, H, num_layers=num_layers, bias=bias,
+                            bidirectional=bidirectional).double()
         else:
             # nn.RNN has no sigmoid: it then only holds the parameters
             self.core = torch.nn.RNN(

@@ -13,15 +13,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
 import fastrnn as fr  # noqa: E402
 from fastrnn import backends  # noqa: E402
 from conftest import assert_close  # noqa: E402
 
-from _torch_oracle import (F64, READOUT_KEYS, TORCH_DTYPE, _check_param_grads,  # noqa: E402
-                           _compare_params, _grad_norm, _make_data,
-                           _make_optimizers, _np, _t)
+from _torch_oracle import (F64, TORCH_DTYPE, TorchModel, _check_param_grads,  # noqa: E402
+                           _np, _t, train_and_compare)
 
 GRU_BACKENDS = [b for b in backends.NAMES if backends.supports(b, "gru")]
 
@@ -217,69 +215,13 @@ def test_gru_cell_matches_torch(gru_backend, batched, with_hx, bias, dtype):
 # --------------------------------------------------------------------------
 # 4. SequenceModel + TrainStep (fused) and gradient_flow vs torch
 # --------------------------------------------------------------------------
-class _TorchGRUModel:
-    """torch twin of an fr.SequenceModel with a GRU core (double precision)."""
-
-    def __init__(self, model_sd, I, H, O, num_layers, bias, bidirectional,
-                 loss, readout):
-        D = 2 if bidirectional else 1
-        self.core = torch.nn.GRU(I, H, num_layers=num_layers, bias=bias,
-                                 bidirectional=bidirectional).double()
-        self.core.load_state_dict({k: _t(v) for k, v in model_sd.items()
-                                   if k not in READOUT_KEYS})
-        self.lin = torch.nn.Linear(D * H, O).double()
-        with torch.no_grad():
-            self.lin.weight.copy_(_t(model_sd["weight_out"]))
-            self.lin.bias.copy_(_t(model_sd["bias_out"]))
-        self.loss, self.readout = loss, readout
-
-    def named_parameters(self):
-        yield from self.core.named_parameters()
-        yield "weight_out", self.lin.weight
-        yield "bias_out", self.lin.bias
-
-    def parameters(self):
-        return [p for _, p in self.named_parameters()]
-
-    def loss_fn(self, x, y, hx=None, lengths=None):
-        T, B = x.shape[0], x.shape[1]
-        xt = _t(x)
-        hxt = None if hx is None else _t(hx)
-        if lengths is None:
-            out, hn = self.core(xt, hxt)
-        else:
-            packed = pack_padded_sequence(xt, torch.as_tensor(lengths),
-                                          enforce_sorted=False)
-            out_p, hn = self.core(packed, hxt)
-            out, _ = pad_packed_sequence(out_p, total_length=T)
-        yt = _t(y)
-        if self.readout == "last":
-            last = (np.full(B, T - 1) if lengths is None
-                    else np.asarray(lengths) - 1)
-            z = self.lin(out[torch.as_tensor(last), torch.arange(B)])
-            if self.loss == "cross_entropy":
-                return F.cross_entropy(z, yt, reduction="sum") / B, hn
-            return ((z - yt) ** 2).mean(-1).sum() / B, hn
-        z = self.lin(out)
-        O = z.shape[-1]
-        if self.loss == "cross_entropy":
-            per = F.cross_entropy(z.reshape(-1, O), yt.reshape(-1),
-                                  reduction="none").reshape(T, B)
-        else:
-            per = ((z - yt) ** 2).mean(-1)
-        if lengths is not None:
-            per = per * _t((np.arange(T)[:, None] < np.asarray(lengths)[None, :])
-                           .astype(F64))
-        return per.sum() / B, hn
-
-
 def _model(backend, I, H, O, num_layers=1, bias=True, bidirectional=False,
            loss="cross_entropy", readout="all", seed=0):
     core = fr.GRU(I, H, num_layers, bias, bidirectional=bidirectional,
                   dtype=F64, seed=seed, backend=backend)
     model = fr.SequenceModel(core, O, loss=loss, readout=readout)
-    return model, _TorchGRUModel(model.state_dict(), I, H, O, num_layers,
-                                 bias, bidirectional, loss, readout)
+    return model, TorchModel(model.state_dict(), I, H, O, num_layers, "gru",
+                             bias, bidirectional, loss, readout)
 
 
 OPTIMIZERS = {
@@ -294,56 +236,18 @@ def _train_and_compare(backend, *, opt_spec, clip=None, loss="cross_entropy",
                        readout="all", num_layers=1, bias=True,
                        bidirectional=False, lengths=None, with_hx=False,
                        steps=3, T=5, B=3, I=3, H=4, O=3, seed=0):
-    """`steps` fused TrainSteps against the same steps in torch: loss,
-    grad_norm, clipped and hx at every step, parameters at the end. The
-    clipping threshold comes from the first gradient so clipping happens."""
-    rng = np.random.default_rng(seed)
+    """`steps` fused TrainSteps against the same steps in torch (the shared
+    train_and_compare of _torch_oracle.py)."""
     D = 2 if bidirectional else 1
     model, tmodel = _model(backend, I, H, O, num_layers, bias, bidirectional,
                            loss, readout, seed)
-    params = tmodel.parameters()
-    xs, ys = _make_data(rng, T, B, I, O, loss, readout, steps)
-    hx = rng.standard_normal((D * num_layers, B, H)) if with_hx else None
-    fr_clip = None
-    if clip is not None:
-        L, _ = tmodel.loss_fn(xs[0], ys[0], hx, lengths)
-        L.backward()
-        if clip == "norm":
-            max_norm = 0.7 * _grad_norm(params)
-            fr_clip = fr.ClipNorm(max_norm)
-        else:
-            limit = 0.5 * max(float(p.grad.abs().max()) for p in params)
-            fr_clip = fr.ClipValue(limit)
-        for p in params:
-            p.grad = None
-    fr_opt, t_opt = _make_optimizers(opt_spec, params)
-    step = fr.TrainStep(model, fr_opt, clip=fr_clip)
-    clipped_any = False
-    for k in range(steps):
-        res = step(xs[k], ys[k], hx=hx, lengths=lengths)
-        t_opt.zero_grad()
-        L, hn_t = tmodel.loss_fn(xs[k], ys[k], hx, lengths)
-        L.backward()
-        g = _grad_norm(params)
-        clipped = False
-        if clip == "norm" and g > max_norm:
-            clipped = True
-            with torch.no_grad():
-                for p in params:
-                    p.grad.mul_(max_norm / g)
-        elif clip == "value":
-            clipped = any(bool((p.grad.abs() > limit).any()) for p in params)
-            torch.nn.utils.clip_grad_value_(params, limit)
-        t_opt.step()
-        clipped_any |= clipped
-        assert_close(res.loss, L.item(), F64, f"step {k}: loss")
-        assert_close(res.grad_norm, g, F64, f"step {k}: grad_norm")
-        assert bool(res.clipped) == clipped, f"step {k}: clipped"
-        assert not res.skipped
-        assert_close(res.hx, _np(hn_t), F64, f"step {k}: hx")
-    if clip is not None:
-        assert clipped_any, "test setup: clipping never happened"
-    _compare_params(model, tmodel, f"after {steps} steps")
+    make_hx = ((lambda rng: rng.standard_normal((D * num_layers, B, H)))
+               if with_hx else None)
+    train_and_compare(model, tmodel, np.random.default_rng(seed),
+                      opt_spec=opt_spec, clip=clip, loss=loss, readout=readout,
+                      lengths=lengths, make_hx=make_hx, steps=steps, T=T, B=B,
+                      I=I, O=O, compare_state=lambda got, want, what: assert_close(
+                          got, _np(want), F64, what))
 
 
 @pytest.mark.parametrize("clip", [None, "norm", "value"])
